@@ -1,0 +1,23 @@
+"""masked_optim: balanced multimodal learning by masked, importance-sampled SGD (AMSS / AMSS+)."""
+
+from .functional import masked_gradient, masked_sgd
+from .fusion import ConcatFusion, FusionOutput, modality_param_groups, slice_logits
+from .optim import MaskedMultiModalSGD, ModalityStats, StepStats
+from .significance import ModalSignificance, SignificanceStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MaskedMultiModalSGD",
+    "ModalSignificance",
+    "SignificanceStats",
+    "StepStats",
+    "ModalityStats",
+    "modality_param_groups",
+    "ConcatFusion",
+    "FusionOutput",
+    "slice_logits",
+    "masked_sgd",
+    "masked_gradient",
+    "__version__",
+]

@@ -1,0 +1,302 @@
+"""The readable single-tensor reference of the masked SGD step (SPEC §2).
+
+This module is the oracle: every other implementation (foreach, fused C++/CUDA/Triton kernels)
+must reproduce it. It is written for clarity, one tensor at a time, in plain PyTorch ops, and it
+synchronises with the host nowhere.
+
+For each tensor, the update is
+
+1. importance ``s_j = g_j**2`` per element, or per slice along dim 0 (``granularity="channel"``);
+2. inclusion probability ``q_j = min(1, alpha * s_j + beta)`` where the two per-tensor scalars
+   ``alpha = c (1 - gamma) / sum(s)`` and ``beta = c gamma / N`` come from water-filling
+   (``alpha = 0, beta = c / N`` when ``sum(s) = 0``; ``alpha = 0, beta = rate`` for
+   ``mask="uniform"``); with ``rate = 1`` every unit is kept and nothing is rescaled;
+3. mask ``M_j = u_j < q_j`` with ``u_j`` the Philox uniform of unit ``j`` (SPEC §4);
+4. masked gradient ``M g`` (``amss``, ``uniform``) or ``M g / q`` (``amss+``, unbiased uniform);
+5. ``torch.optim.SGD``'s update, op for op, on the masked gradient.
+
+Half-precision tensors (float16, bfloat16) are processed in float32 ("opmath") and rounded back
+once per step, as the fused kernels do; float32 and float64 tensors are processed in their own
+dtype, so that with masking off the update is bit-identical to ``torch.optim.SGD``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .rng import philox_uniform
+
+__all__ = [
+    "MASKS",
+    "GRANULARITIES",
+    "SAMPLERS",
+    "masked_sgd",
+    "masked_gradient",
+    "unit_scores",
+    "inclusion_scalars",
+    "multinomial_keep_count",
+]
+
+MASKS = ("none", "uniform", "amss", "amss+")
+GRANULARITIES = ("element", "channel")
+SAMPLERS = ("poisson", "multinomial")
+WATERFILL_MAX_ITER = 4
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _num_units(shape: torch.Size, granularity: str) -> int:
+    if granularity == "channel" and len(shape) > 0:
+        return shape[0]
+    return math.prod(shape)
+
+
+def unit_scores(grad: Tensor, granularity: str) -> Tensor:
+    """Importance per unit: ``g**2`` per element, or its sum over each slice along dim 0.
+
+    Returned as a 1-D tensor of ``N`` units in the compute dtype (float32, or float64 for
+    float64 gradients). A 0-d tensor is one unit.
+    """
+    g = grad.to(_compute_dtype(grad.dtype))
+    if granularity == "channel" and g.dim() > 0:
+        return g.reshape(g.shape[0], -1).square().sum(dim=1)
+    return g.reshape(-1).square()
+
+
+def inclusion_scalars(
+    scores: Tensor, rate: float, smoothing: float, max_iter: int = WATERFILL_MAX_ITER
+) -> tuple[Tensor, Tensor]:
+    """Per-tensor scalars ``(alpha, beta)`` with ``q_j = min(1, alpha * s_j + beta)`` (SPEC §2.3).
+
+    ``q_j = min(1, c * pt_j)`` with ``pt_j = (1 - gamma) * s_j / S + gamma / N`` and the
+    water-filling constant ``c`` that makes ``sum_j q_j = rate * N``: ``c = rate * N`` when
+    ``rate * N * max(pt) <= 1`` (nothing saturates), else the fixed point of
+    ``c <- (rate * N - #saturated) / sum(unsaturated pt)`` after at most ``max_iter`` rounds.
+
+    The iteration runs a fixed number of rounds without host synchronisation: ``c`` never
+    decreases, the saturated set only grows, and once it stops growing ``c`` is recomputed from
+    the same set, so extra rounds change nothing (identical to stopping early).
+    """
+    n = scores.numel()
+    gamma = float(smoothing)
+    budget = float(rate) * n
+    total = scores.sum()
+    has_signal = total > 0
+    pi = torch.where(has_signal, scores / total, 1.0 / n)
+    pt = pi * (1.0 - gamma) + gamma / n
+    c = torch.tensor(budget, dtype=scores.dtype, device=scores.device)
+    nothing_saturates = pt.max() * budget <= 1.0
+    c_iter = c
+    for _ in range(max_iter):
+        saturated = pt * c_iter >= 1.0
+        rest = torch.where(saturated, 0.0, pt).sum()
+        free = budget - saturated.sum()
+        c_iter = torch.where(rest > 0, free / rest, math.inf)
+    c = torch.where(nothing_saturates, c, c_iter)
+    # pt_j * c == alpha * s_j + beta, with the "no signal" case folded into beta.
+    alpha = torch.where(has_signal, c * (1.0 - gamma) / total, 0.0)
+    beta = torch.where(has_signal, c * gamma / n, c / n)
+    return alpha, beta
+
+
+def multinomial_keep_count(rate: float, n: int) -> int:
+    """``ceil(rate * n)`` for the multinomial sampler, at least 1 unit when ``n > 0``.
+
+    A relative slack of 1e-12 absorbs binary rounding, so that ``rate=0.3, n=10`` keeps 3 units
+    (``0.3 * 10 == 3.0000000000000004`` in floating point).
+    """
+    if n == 0:
+        return 0
+    return min(n, max(1, math.ceil(rate * n * (1.0 - 1e-12))))
+
+
+def _unit_view(x: Tensor, like: Tensor, granularity: str) -> Tensor:
+    """Broadcast a per-unit vector against a tensor of shape ``like.shape``."""
+    if granularity == "channel" and like.dim() > 0:
+        return x.view(like.shape[0], *([1] * (like.dim() - 1)))
+    return x.view(like.shape)
+
+
+def masked_gradient(
+    grad: Tensor,
+    *,
+    rate: float,
+    key: int,
+    mask: str = "amss+",
+    granularity: str = "element",
+    smoothing: float = 0.5,
+    sampler: str = "poisson",
+    unbiased: Optional[bool] = None,
+    max_iter: int = WATERFILL_MAX_ITER,
+) -> tuple[Tensor, Tensor]:
+    """The masked gradient ``g~`` of SPEC §2.5 and the number of units kept (a 0-d int64 tensor).
+
+    ``grad`` must already be negated for ``maximize``. The result is in the compute dtype
+    (float32 for half-precision gradients). ``key`` is the Philox key of this tensor at this step
+    (:func:`masked_optim.rng.derive_key`). With ``mask="none"`` or ``rate >= 1`` the gradient is
+    returned unchanged and every unit counts as kept.
+    """
+    cdtype = _compute_dtype(grad.dtype)
+    g = grad.to(cdtype)
+    n = _num_units(grad.shape, granularity)
+    if mask == "none" or rate >= 1.0 or n == 0:
+        return g, torch.tensor(n, dtype=torch.int64, device=grad.device)
+    if unbiased is None:
+        unbiased = mask == "amss+"
+    u = philox_uniform(key, n, device=grad.device)
+
+    if sampler == "multinomial":
+        if mask == "uniform":
+            pi = torch.full((n,), 1.0 / n, dtype=cdtype, device=grad.device)
+        else:
+            scores = unit_scores(g, granularity)
+            total = scores.sum()
+            pi = torch.where(total > 0, scores / total, 1.0 / n)
+        k = multinomial_keep_count(rate, n)
+        # Sequential sampling without replacement with probability proportional to pi is the
+        # k smallest of E_j / pi_j with E_j ~ Exp(1) (Efraimidis & Spirakis); E_j = -log(1 - u_j).
+        exp_keys = -torch.log1p(-u.to(cdtype)) / pi
+        keep = torch.zeros(n, dtype=torch.bool, device=grad.device)
+        keep[torch.topk(exp_keys, k, largest=False, sorted=False).indices] = True
+        if not unbiased:
+            scale = None
+        elif mask == "uniform":
+            scale = torch.full_like(pi, 1.0 / rate)
+        else:  # the official code's AMSS+ weights, not 1/q (SPEC §2)
+            scale = 1.0 / (pi + 1.0 / n)
+    else:
+        if mask == "uniform":
+            q = torch.full((n,), float(rate), dtype=cdtype, device=grad.device)
+        else:
+            scores = unit_scores(g, granularity)
+            alpha, beta = inclusion_scalars(scores, rate, smoothing, max_iter)
+            q = (scores * alpha + beta).clamp_max(1.0)
+        keep = u.to(cdtype) < q
+        scale = 1.0 / q if unbiased else None
+
+    kept = keep.sum()
+    if scale is not None:
+        g_masked = torch.where(_unit_view(keep, g, granularity), g * _unit_view(scale, g, granularity), 0.0)
+    else:
+        g_masked = torch.where(_unit_view(keep, g, granularity), g, 0.0)
+    return g_masked, kept
+
+
+def _single_tensor_masked_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Optional[Tensor]],
+    keys: list[int],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    mask: str,
+    rate: float,
+    granularity: str,
+    smoothing: float,
+    sampler: str,
+    unbiased: Optional[bool],
+    max_iter: int,
+) -> list[Tensor]:
+    kept_counts = []
+    for i, param in enumerate(params):
+        grad = grads[i] if not maximize else -grads[i]
+        grad, kept = masked_gradient(
+            grad,
+            rate=rate,
+            key=keys[i],
+            mask=mask,
+            granularity=granularity,
+            smoothing=smoothing,
+            sampler=sampler,
+            unbiased=unbiased,
+            max_iter=max_iter,
+        )
+        kept_counts.append(kept)
+        # torch.optim.SGD's single-tensor update, op for op, in the compute dtype.
+        p = param if param.dtype == grad.dtype else param.to(grad.dtype)
+        if weight_decay != 0:
+            grad = grad.add(p, alpha=weight_decay)
+        if momentum != 0:
+            buf = momentum_buffer_list[i]
+            if buf is None:
+                buf = torch.clone(grad).detach()
+                momentum_buffer_list[i] = buf if buf.dtype == param.dtype else buf.to(param.dtype)
+            else:
+                b = buf if buf.dtype == grad.dtype else buf.to(grad.dtype)
+                b.mul_(momentum).add_(grad, alpha=1 - dampening)
+                if b is not buf:
+                    buf.copy_(b)
+                buf = b
+            if nesterov:
+                grad = grad.add(buf, alpha=momentum)
+            else:
+                grad = buf
+        if p is param:
+            param.add_(grad, alpha=-lr)
+        else:
+            param.copy_(p.add_(grad, alpha=-lr))
+    return kept_counts
+
+
+def masked_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Optional[Tensor]],
+    keys: list[int],
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    mask: str = "amss+",
+    rate: float = 1.0,
+    granularity: str = "element",
+    smoothing: float = 0.5,
+    sampler: str = "poisson",
+    unbiased: Optional[bool] = None,
+    max_iter: int = WATERFILL_MAX_ITER,
+) -> list[Tensor]:
+    """Functional masked SGD over a list of tensors that share one modality and one rate.
+
+    Updates ``params`` in place and ``momentum_buffer_list`` in place (a ``None`` entry is
+    replaced by the new buffer on the first step with momentum, as ``torch.optim.sgd``).
+    ``keys[i]`` is the Philox key of ``params[i]`` for this step. Returns, per tensor, the number
+    of units kept (0-d int64 tensors, left on the device: reading them synchronises).
+    """
+    if not (len(params) == len(grads) == len(momentum_buffer_list) == len(keys)):
+        raise ValueError(
+            "masked_sgd: params, grads, momentum_buffer_list and keys must have equal lengths, got "
+            f"{len(params)}, {len(grads)}, {len(momentum_buffer_list)}, {len(keys)}"
+        )
+    return _single_tensor_masked_sgd(
+        params,
+        grads,
+        momentum_buffer_list,
+        keys,
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        maximize=maximize,
+        mask=mask,
+        rate=rate,
+        granularity=granularity,
+        smoothing=smoothing,
+        sampler=sampler,
+        unbiased=unbiased,
+        max_iter=max_iter,
+    )

@@ -1,0 +1,452 @@
+"""``MaskedMultiModalSGD``: ``torch.optim.SGD`` that updates a sampled subnetwork of each modality."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .backends import BACKENDS, resolve_backend
+from .functional import GRANULARITIES, MASKS, SAMPLERS, WATERFILL_MAX_ITER, _num_units, masked_sgd
+from .rng import derive_key
+
+__all__ = ["MaskedMultiModalSGD", "StepStats", "ModalityStats", "NONFINITE_POLICIES"]
+
+NONFINITE_POLICIES = ("raise", "skip", "ignore")
+_MAX_SEED = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class ModalityStats:
+    """What one step did to one modality.
+
+    ``rate``: the keep rate used (the unit-weighted mean when the modality's groups were given
+    different rates). ``kept_units`` / ``total_units``: units kept and units considered over the
+    modality's masked tensors (``total_units == 0`` when none of them was masked, e.g. shared
+    parameters or ``mask="none"``); ``kept_fraction`` is their ratio (1.0 when nothing was masked).
+    ``backend``: the implementation that ran.
+    """
+
+    rate: float
+    kept_fraction: float
+    kept_units: int
+    total_units: int
+    backend: str
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """Per-modality statistics of the last step; ``skipped`` when a non-finite gradient was skipped.
+
+    Index it by modality name (``stats["audio"].kept_fraction``); shared parameters are under
+    ``None``.
+    """
+
+    modalities: dict[Optional[str], ModalityStats]
+    skipped: bool = False
+    nonfinite_params: tuple[int, ...] = ()
+
+    def __getitem__(self, modality: Optional[str]) -> ModalityStats:
+        return self.modalities[modality]
+
+    def __contains__(self, modality: object) -> bool:
+        return modality in self.modalities
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_number(name: str, value: Any, *, low: float = -math.inf, high: float = math.inf,
+                  low_open: bool = False, allowed: str) -> float:
+    if not _is_number(value):
+        raise TypeError(f"Invalid {name}: {value!r} (type {type(value).__name__}); allowed: {allowed}")
+    value = float(value)
+    too_low = value <= low if low_open else value < low
+    if not math.isfinite(value) or too_low or value > high:
+        raise ValueError(f"Invalid {name}: {value!r}; allowed: {allowed}")
+    return value
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r}; allowed: one of {', '.join(map(repr, choices))}")
+
+
+def _check_rate(name: str, value: Any) -> float:
+    return _check_number(name, value, low=0.0, high=1.0, low_open=True, allowed="a number in (0, 1]")
+
+
+class MaskedMultiModalSGD(Optimizer):
+    r"""SGD that, for every modality, updates only an importance-sampled subnetwork (AMSS / AMSS+).
+
+    A drop-in replacement for :class:`torch.optim.SGD`. Parameter groups carry a ``modality``
+    (a string, or ``None`` for shared parameters such as a fusion head, which are updated densely)
+    and may opt out of masking with ``masked=False``. Every modality ``m`` has a keep rate
+    :math:`\rho_m \in (0, 1]` (:meth:`set_rates`, or ``step(rates=...)`` for one step; 1.0 until
+    set, which is a dense SGD step). For each tensor of a masked group, with gradient :math:`g`
+    (negated when ``maximize``):
+
+    .. math::
+        s_j = g_j^2, \quad
+        \tilde\pi_j = (1-\gamma)\frac{s_j}{\sum_i s_i} + \frac{\gamma}{N}, \quad
+        q_j = \min(1, c\,\tilde\pi_j), \quad \sum_j q_j = \rho_m N, \quad
+        M_j \sim \mathrm{Bernoulli}(q_j)
+
+    with one unit per element (``granularity="element"``) or per slice along dim 0
+    (``"channel"``), :math:`\gamma` = ``smoothing`` and :math:`M_j` drawn from Philox4x32-10
+    (bit-identical on every backend and rank; see :mod:`masked_optim.rng`). The masked gradient is
+
+    * ``mask="none"``: :math:`\tilde g = g` (exactly ``torch.optim.SGD``);
+    * ``mask="uniform"``: :math:`q_j = \rho_m`, :math:`\tilde g = M g` (:math:`M g / \rho_m` with
+      ``unbiased=True``);
+    * ``mask="amss"``: :math:`\tilde g = M g` (biased: the expected update is :math:`q g`);
+    * ``mask="amss+"``: :math:`\tilde g = M g / q` (unbiased: :math:`E[\tilde g] = g`).
+
+    ``sampler="multinomial"`` instead keeps exactly :math:`\lceil \rho_m N \rceil` units drawn
+    without replacement with probability proportional to :math:`s_j`, and ``amss+`` then scales a
+    kept unit by :math:`1 / (\pi_j + 1/N)`, as the official AMSS code (biased; see the README).
+
+    Then, exactly as :class:`torch.optim.SGD` (masking acts on the gradient only, so weight decay
+    and momentum still move masked-out elements):
+
+    .. math::
+        d = \tilde g + \lambda p, \quad
+        b \leftarrow \mu b + (1 - \tau) d \;(b = d \text{ on the first step}), \quad
+        d = d + \mu b \text{ (nesterov) or } b, \quad p \leftarrow p - \eta d
+
+    Args:
+        params: parameters or parameter groups (dicts). Groups may set ``modality``, ``masked``,
+            ``rate`` and override every keyword below except ``nonfinite``.
+        lr, momentum, dampening, weight_decay, nesterov, maximize: as :class:`torch.optim.SGD`.
+        mask: ``"none"``, ``"uniform"``, ``"amss"`` or ``"amss+"`` (default).
+        granularity: ``"element"`` (default) or ``"channel"``.
+        smoothing: :math:`\gamma \in [0, 1]`, mixes the importance with the uniform distribution
+            so that no unit is rescaled by more than :math:`1 / (\rho_m \gamma)` (default 0.5).
+        sampler: ``"poisson"`` (default) or ``"multinomial"`` (reference-faithful, python only).
+        unbiased: ``None`` (default: the mode's own meaning), or ``True`` with ``mask="uniform"``
+            to rescale kept units by :math:`1/\rho_m`. ``amss`` is biased and ``amss+`` unbiased
+            by definition; contradicting them is an error.
+        seed: non-negative int keying the mask stream. The mask of tensor ``i`` at its ``t``-th
+            step is a pure function of ``(seed, t, i)``, and both are in :meth:`state_dict`.
+        backend: ``"auto"`` (default) or ``"reference"`` (the pure-PyTorch path).
+        nonfinite: what a step does when a gradient holds NaN or Inf: ``"raise"`` (default,
+            nothing is updated), ``"skip"`` (nothing is updated; :meth:`last_step_stats` reports
+            it and ``skipped_steps`` counts it) or ``"ignore"`` (update anyway, like
+            ``torch.optim.SGD``, saving one host synchronisation per step).
+
+    Example:
+        >>> opt = MaskedMultiModalSGD(modality_param_groups({"audio": a, "video": v}, shared=[head]),
+        ...                           lr=0.01, momentum=0.9)
+        >>> opt.set_rates({"audio": 0.3, "video": 0.8})
+        >>> loss.backward(); opt.step()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Union[Tensor, dict[str, Any]]],
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        mask: str = "amss+",
+        granularity: str = "element",
+        smoothing: float = 0.5,
+        sampler: str = "poisson",
+        unbiased: Optional[bool] = None,
+        seed: int = 0,
+        backend: str = "auto",
+        nonfinite: str = "raise",
+    ) -> None:
+        _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            mask=mask,
+            granularity=granularity,
+            smoothing=smoothing,
+            sampler=sampler,
+            unbiased=unbiased,
+            seed=seed,
+            backend=backend,
+            modality=None,
+            masked=True,
+            rate=1.0,
+        )
+        self._validate_group(defaults, where="")
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        self._last_stats: Optional[tuple] = None
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ validation
+    @staticmethod
+    def _validate_group(group: Mapping[str, Any], where: str) -> None:
+        p = where
+        _check_number(f"{p}lr", group["lr"], low=0.0, allowed="a number >= 0")
+        _check_number(f"{p}momentum", group["momentum"], low=0.0, allowed="a number >= 0")
+        _check_number(f"{p}dampening", group["dampening"], allowed="a finite number")
+        _check_number(f"{p}weight_decay", group["weight_decay"], low=0.0, allowed="a number >= 0")
+        for flag in ("nesterov", "maximize", "masked"):
+            if not isinstance(group[flag], bool):
+                raise TypeError(f"Invalid {p}{flag}: {group[flag]!r}; allowed: True or False")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(
+                f"Invalid {p}nesterov=True with momentum={group['momentum']!r} and "
+                f"dampening={group['dampening']!r}; allowed: nesterov requires momentum > 0 and dampening == 0"
+            )
+        _check_choice(f"{p}mask", group["mask"], MASKS)
+        _check_choice(f"{p}granularity", group["granularity"], GRANULARITIES)
+        _check_choice(f"{p}sampler", group["sampler"], SAMPLERS)
+        _check_choice(f"{p}backend", group["backend"], BACKENDS)
+        _check_number(f"{p}smoothing", group["smoothing"], low=0.0, high=1.0, allowed="a number in [0, 1]")
+        unbiased = group["unbiased"]
+        if unbiased is not None and not isinstance(unbiased, bool):
+            raise TypeError(f"Invalid {p}unbiased: {unbiased!r}; allowed: None, True or False")
+        if group["mask"] == "amss" and unbiased is True:
+            raise ValueError(
+                f"Invalid {p}unbiased=True with mask='amss'; allowed: None or False "
+                "(mask='amss+' is the unbiased AMSS)"
+            )
+        if group["mask"] == "amss+" and unbiased is False:
+            raise ValueError(
+                f"Invalid {p}unbiased=False with mask='amss+'; allowed: None or True "
+                "(mask='amss' is the biased AMSS)"
+            )
+        seed = group["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
+            raise ValueError(f"Invalid {p}seed: {seed!r}; allowed: an int in [0, 2**64)")
+        modality = group["modality"]
+        if modality is not None and (not isinstance(modality, str) or not modality):
+            raise TypeError(f"Invalid {p}modality: {modality!r}; allowed: a non-empty str, or None for shared parameters")
+        _check_rate(f"{p}rate", group["rate"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, after validating its options and that none of its params is already present."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"Invalid param_group: {type(param_group).__name__}; allowed: a dict")
+        params = param_group["params"]
+        if isinstance(params, Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # a set is refused by torch with its own message
+            params = list(params)
+        param_group["params"] = params
+        group_index = len(self.param_groups)
+        seen: dict[int, int] = {}
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                seen[id(p)] = gi
+        for p in params:
+            if not isinstance(p, Tensor):
+                continue  # torch's own check names the type
+            if id(p) in seen:
+                where = "this group" if seen[id(p)] == group_index else f"param group {seen[id(p)]}"
+                raise ValueError(
+                    f"Invalid params of param group {group_index}: a parameter of shape {tuple(p.shape)} "
+                    f"is already in {where}; allowed: each parameter in exactly one group, once"
+                )
+            seen[id(p)] = group_index
+            if p.is_complex():
+                raise ValueError(
+                    f"Invalid params of param group {group_index}: a parameter of dtype {p.dtype}; "
+                    "allowed: real floating-point parameters"
+                )
+        for name, default in self.defaults.items():
+            param_group.setdefault(name, default)
+        self._validate_group(param_group, where=f"param group {group_index}: ")
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # checkpoints written before an option existed
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self.__dict__.setdefault("nonfinite", "raise")
+        self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("_last_stats", None)
+
+    # ------------------------------------------------------------------ rates
+    @property
+    def modalities(self) -> list[str]:
+        """The modality names of the parameter groups, in order of first appearance."""
+        names: dict[str, None] = {}
+        for group in self.param_groups:
+            if group["modality"] is not None:
+                names[group["modality"]] = None
+        return list(names)
+
+    def _validated_rates(self, rates: Mapping[str, Any], name: str) -> dict[str, float]:
+        if not isinstance(rates, Mapping):
+            raise TypeError(f"Invalid {name}: {type(rates).__name__}; allowed: a dict {{modality: rate}}")
+        known = self.modalities
+        checked = {}
+        for modality, rate in rates.items():
+            if modality not in known:
+                raise ValueError(
+                    f"Invalid {name}: unknown modality {modality!r}; allowed: one of {known} "
+                    "(the `modality` of the parameter groups)"
+                )
+            if isinstance(rate, Tensor) and rate.numel() == 1:
+                rate = rate.item()
+            checked[modality] = _check_rate(f"{name}[{modality!r}]", rate)
+        return checked
+
+    def set_rates(self, rates: Mapping[str, float]) -> None:
+        """Set the keep rate of each named modality, in (0, 1], for this and later steps.
+
+        Modalities not named keep their rate. Stored in the param groups (key ``rate``), so it is in
+        :meth:`state_dict`. Nothing is changed if any entry is invalid.
+        """
+        checked = self._validated_rates(rates, "rates")
+        for group in self.param_groups:
+            if group["modality"] in checked:
+                group["rate"] = checked[group["modality"]]
+
+    def get_rates(self) -> dict[str, float]:
+        """The current keep rate of every modality (the first group's, per modality)."""
+        rates: dict[str, float] = {}
+        for group in self.param_groups:
+            if group["modality"] is not None:
+                rates.setdefault(group["modality"], float(group["rate"]))
+        return rates
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None, rates: Optional[Mapping[str, float]] = None):
+        """Perform one optimisation step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (as in ``torch.optim``).
+            rates: keep rates for this step only, ``{modality: rate}``; others use their set rate.
+        """
+        overrides = self._validated_rates(rates, "rates") if rates is not None else {}
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        plan = []
+        all_grads = []
+        index = -1
+        for gi, group in enumerate(self.param_groups):
+            params, grads, bufs, keys = [], [], [], []
+            for p in group["params"]:
+                index += 1
+                if p.grad is None:
+                    continue
+                if p.grad.layout != torch.strided:
+                    raise ValueError(
+                        f"Invalid gradient of parameter {index} (param group {gi}, shape {tuple(p.shape)}): "
+                        f"layout {p.grad.layout}; allowed: dense (torch.strided) gradients "
+                        "(use nn.Embedding(sparse=False) or torch.optim.SparseAdam)"
+                    )
+                state = self.state[p]
+                params.append(p)
+                grads.append(p.grad)
+                bufs.append(state.get("momentum_buffer"))
+                keys.append(derive_key(group["seed"], state.get("step", 0), index))
+            all_grads.extend(grads)
+            plan.append((group, params, grads, bufs, keys))
+
+        if self.nonfinite != "ignore" and all_grads:
+            finite = torch.stack([torch.isfinite(g).all() for g in all_grads]).all()
+            if not bool(finite):
+                return self._nonfinite_step(loss)
+
+        records = []
+        for group, params, grads, bufs, keys in plan:
+            modality = group["modality"]
+            dense = modality is None or not group["masked"] or group["mask"] == "none"
+            rate = 1.0 if modality is None else overrides.get(modality, group["rate"])
+            backend = resolve_backend(group["backend"])
+            if params:
+                kept = masked_sgd(
+                    params,
+                    grads,
+                    bufs,
+                    keys,
+                    lr=group["lr"],
+                    momentum=group["momentum"],
+                    dampening=group["dampening"],
+                    weight_decay=group["weight_decay"],
+                    nesterov=group["nesterov"],
+                    maximize=group["maximize"],
+                    mask="none" if dense else group["mask"],
+                    rate=1.0 if dense else rate,
+                    granularity=group["granularity"],
+                    smoothing=group["smoothing"],
+                    sampler=group["sampler"],
+                    unbiased=group["unbiased"],
+                    max_iter=WATERFILL_MAX_ITER,
+                )
+                for p, buf in zip(params, bufs):
+                    state = self.state[p]
+                    if group["momentum"] != 0:
+                        state["momentum_buffer"] = buf
+                    state["step"] = state.get("step", 0) + 1
+            else:
+                kept = []
+            units = [_num_units(p.shape, group["granularity"]) for p in params]
+            records.append((modality, rate, dense, backend, kept, units))
+        self._last_stats = (records, False, ())
+        return loss
+
+    def _nonfinite_step(self, loss):
+        bad = []
+        index = -1
+        for group in self.param_groups:
+            for p in group["params"]:
+                index += 1
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    bad.append(index)
+        if self.nonfinite == "raise":
+            raise FloatingPointError(
+                f"Non-finite gradient (NaN or Inf) in parameters {bad} (indices in param-group order); "
+                "no parameter was updated. Pass nonfinite='skip' to skip such steps, or 'ignore' to "
+                "update anyway"
+            )
+        self.skipped_steps += 1
+        self._last_stats = ([], True, tuple(bad))
+        return loss
+
+    def last_step_stats(self) -> Optional[StepStats]:
+        """Per-modality rate used and fraction of units kept at the last step (None before any).
+
+        Reading the kept counts synchronises with the device, so this is computed on demand.
+        """
+        if self._last_stats is None:
+            return None
+        records, skipped, bad = self._last_stats
+        acc: dict[Optional[str], dict[str, Any]] = {}
+        for modality, rate, dense, backend, kept, units in records:
+            entry = acc.setdefault(modality, dict(rate_units=0.0, units=0, kept=[], rate=rate, backend=set()))
+            entry["backend"].add(backend)
+            if not dense and kept:
+                entry["kept"].extend(kept)
+                entry["units"] += sum(units)
+                entry["rate_units"] += rate * sum(units)
+        out = {}
+        for modality, entry in acc.items():
+            total = entry["units"]
+            kept = int(torch.stack([k.cpu() for k in entry["kept"]]).sum()) if entry["kept"] else 0
+            rate = entry["rate_units"] / total if total else (1.0 if modality is None else entry["rate"])
+            out[modality] = ModalityStats(
+                rate=float(rate),
+                kept_fraction=kept / total if total else 1.0,
+                kept_units=kept,
+                total_units=total,
+                backend=",".join(sorted(entry["backend"])),
+            )
+        return StepStats(modalities=out, skipped=skipped, nonfinite_params=bad)

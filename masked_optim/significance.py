@@ -1,0 +1,194 @@
+"""``ModalSignificance``: keep rates from each modality's mutual information with the label (SPEC §3)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["ModalSignificance", "SignificanceStats"]
+
+FALLBACK_RATE = 0.5
+
+
+@dataclass(frozen=True)
+class SignificanceStats:
+    """The quantities behind the last rates, for logging (python floats).
+
+    ``label_entropy`` is :math:`H_Y`; ``mutual_information[m]`` is :math:`I_m`;
+    ``feature_entropy[m]`` is :math:`H_m` (empty without features); ``mi_rate[m]`` is the
+    :math:`r_m` that entered the softmax (after EMA); ``fallback`` is True when the rates are the
+    0.5 fallback.
+    """
+
+    label_entropy: float
+    mutual_information: dict[str, float]
+    feature_entropy: dict[str, float]
+    mi_rate: dict[str, float]
+    rates: dict[str, float]
+    fallback: bool = False
+    cross_entropy: dict[str, float] = field(default_factory=dict)
+
+
+def _check(name: str, value, ok: bool, allowed: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Invalid {name}: {value!r}; allowed: {allowed}")
+    if not ok or not math.isfinite(value):
+        raise ValueError(f"Invalid {name}: {value!r}; allowed: {allowed}")
+    return float(value)
+
+
+class ModalSignificance:
+    r"""Maps per-modality uni-modal predictions to keep rates (AMSS, Yang et al., SPEC §3).
+
+    For a batch with labels :math:`y` and uni-modal logits :math:`o_m`:
+
+    .. math::
+        H_Y = -\sum_c p_c \log p_c, \quad I_m = H_Y - \mathrm{CE}(o_m, y), \quad
+        r_m = \frac{I_m + c}{H_m} \text{ (or } I_m + c \text{ without features)}, \\
+        \rho_m = \mathrm{clamp}\big(1 - \mathrm{softmax}(r / T)_m + b,\ \rho_{min},\ \rho_{max}\big)
+
+    where :math:`p_c` are the batch's class frequencies, :math:`\mathrm{CE}` the batch-mean
+    cross-entropy (natural log) and :math:`H_m` the batch mean of the entropy of
+    :math:`\mathrm{softmax}(z_m)` over the feature dimension. The more significant modality gets the
+    smaller keep rate. If any :math:`I_m + c \le 0`, or anything is not finite, every rate is 0.5
+    (and the EMA is not updated by that batch).
+
+    Args:
+        temperature: :math:`T > 0` (default 0.2).
+        offset: :math:`c` added to :math:`I_m` (default 0.5, as the official audio-visual code).
+        bias: :math:`b` added to the rates before clamping (default 0).
+        min_rate, max_rate: clamp bounds, ``0 < min_rate <= max_rate <= 1`` (defaults 0.1, 0.9).
+        beta: EMA factor in [0, 1) for :math:`r_m` across calls (default 0: per batch, as the
+            paper): :math:`\bar r \leftarrow \beta \bar r + (1 - \beta) r`, starting at the first r.
+
+    Calling it returns ``{modality: rate}`` as python floats (one host synchronisation), ready for
+    :meth:`MaskedMultiModalSGD.set_rates`; :attr:`last` holds the :class:`SignificanceStats`.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.2,
+        offset: float = 0.5,
+        bias: float = 0.0,
+        min_rate: float = 0.1,
+        max_rate: float = 0.9,
+        beta: float = 0.0,
+    ) -> None:
+        self.temperature = _check("temperature", temperature, temperature > 0, "a number > 0")
+        self.offset = _check("offset", offset, True, "a finite number")
+        self.bias = _check("bias", bias, True, "a finite number")
+        self.min_rate = _check("min_rate", min_rate, 0 < min_rate <= 1, "a number in (0, 1]")
+        self.max_rate = _check("max_rate", max_rate, 0 < max_rate <= 1, "a number in (0, 1]")
+        if self.min_rate > self.max_rate:
+            raise ValueError(
+                f"Invalid min_rate={min_rate!r} > max_rate={max_rate!r}; allowed: min_rate <= max_rate"
+            )
+        self.beta = _check("beta", beta, 0 <= beta < 1, "a number in [0, 1)")
+        self._ema: Optional[dict[str, float]] = None
+        self.last: Optional[SignificanceStats] = None
+
+    def state_dict(self) -> dict:
+        """The EMA state (for checkpoints)."""
+        return {"ema": None if self._ema is None else dict(self._ema)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        ema = state.get("ema")
+        self._ema = None if ema is None else {str(k): float(v) for k, v in ema.items()}
+
+    def reset(self) -> None:
+        """Forget the EMA."""
+        self._ema = None
+
+    @staticmethod
+    def _validate(logits: Mapping[str, Tensor], labels: Tensor, features: Optional[Mapping[str, Tensor]]):
+        if not isinstance(logits, Mapping) or not logits:
+            raise ValueError(f"Invalid logits: {type(logits).__name__}; allowed: a non-empty dict {{modality: (B, K) tensor}}")
+        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(f"Invalid labels: {shape}; allowed: a 1-D integer tensor of class indices")
+        batch = labels.shape[0]
+        if batch == 0:
+            raise ValueError("Invalid labels: an empty batch; allowed: at least one sample")
+        num_classes = None
+        for m, o in logits.items():
+            if not isinstance(o, Tensor) or o.dim() != 2 or o.shape[0] != batch:
+                shape = tuple(o.shape) if isinstance(o, Tensor) else type(o).__name__
+                raise ValueError(f"Invalid logits[{m!r}]: shape {shape}; allowed: ({batch}, K) matching labels")
+            if num_classes is None:
+                num_classes = o.shape[1]
+            elif o.shape[1] != num_classes:
+                raise ValueError(f"Invalid logits[{m!r}]: {o.shape[1]} classes; allowed: {num_classes} like the others")
+        if features is not None:
+            if not isinstance(features, Mapping) or set(features) != set(logits):
+                got = sorted(features) if isinstance(features, Mapping) else type(features).__name__
+                raise ValueError(f"Invalid features: keys {got}; allowed: the same modalities as logits {sorted(logits)}")
+            for m, z in features.items():
+                if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[0] != batch:
+                    shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+                    raise ValueError(f"Invalid features[{m!r}]: shape {shape}; allowed: ({batch}, D)")
+        return num_classes
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        logits: Mapping[str, Tensor],
+        labels: Tensor,
+        features: Optional[Mapping[str, Tensor]] = None,
+    ) -> dict[str, float]:
+        """Keep rates ``{modality: rho_m}`` for this batch (see the class docstring)."""
+        num_classes = self._validate(logits, labels, features)
+        names = list(logits)
+        labels = labels.long()
+        counts = torch.bincount(labels.reshape(-1), minlength=num_classes).double()
+        p = counts / counts.sum()
+        h_y = -(torch.where(p > 0, p * p.log(), 0.0)).sum()
+        ce = torch.stack([F.cross_entropy(logits[m].double(), labels) for m in names])
+        mi = h_y - ce
+        if features is not None:
+            ent = torch.stack(
+                [-(F.softmax(features[m].double(), -1) * F.log_softmax(features[m].double(), -1)).sum(-1).mean() for m in names]
+            )
+        else:
+            ent = torch.ones_like(mi)
+        # One transfer of every statistic: the only host synchronisation of the call.
+        h_y, ce_l, mi_l, ent_l = torch.cat([h_y.reshape(1), ce, mi, ent]).cpu().split([1, len(names), len(names), len(names)])
+        h_y = float(h_y)
+        ce_d = dict(zip(names, ce_l.tolist()))
+        mi_d = dict(zip(names, mi_l.tolist()))
+        ent_d = dict(zip(names, ent_l.tolist())) if features is not None else {}
+
+        numer = {m: mi_d[m] + self.offset for m in names}
+        r = {m: numer[m] / (ent_d[m] if features is not None else 1.0) for m in names}
+        values = [h_y, *ce_d.values(), *ent_d.values(), *r.values()]
+        fallback = any(v <= 0 for v in numer.values()) or not all(math.isfinite(v) for v in values)
+        if fallback:
+            rates = {m: FALLBACK_RATE for m in names}
+            r_used = r
+        else:
+            if self.beta > 0 and self._ema is not None and set(self._ema) == set(names):
+                r_used = {m: self.beta * self._ema[m] + (1 - self.beta) * r[m] for m in names}
+            else:
+                r_used = dict(r)
+            self._ema = dict(r_used)
+            scaled = [r_used[m] / self.temperature for m in names]
+            top = max(scaled)
+            exps = [math.exp(s - top) for s in scaled]
+            z = sum(exps)
+            rates = {
+                m: min(self.max_rate, max(self.min_rate, 1.0 - e / z + self.bias)) for m, e in zip(names, exps)
+            }
+        self.last = SignificanceStats(
+            label_entropy=h_y,
+            mutual_information=mi_d,
+            feature_entropy=ent_d,
+            mi_rate=r_used,
+            rates=dict(rates),
+            fallback=fallback,
+            cross_entropy=ce_d,
+        )
+        return rates
