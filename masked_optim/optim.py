@@ -268,6 +268,11 @@ class MaskedMultiModalSGD(Optimizer):
         self._validate_group(param_group, where=f"param group {group_index}: ")
         super().add_param_group(param_group)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(nonfinite=self.nonfinite, skipped_steps=self.skipped_steps)
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:  # checkpoints written before an option existed

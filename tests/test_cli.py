@@ -1,0 +1,71 @@
+"""The command line, the demo, the synthetic data, and the package without its extension."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from masked_optim.cli import environment, main
+from masked_optim.data import modality_competition
+from masked_optim.demo import run_demo
+
+
+def test_env_reports_versions_and_extension(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "extension masked_optim._C" in out
+    info = environment()
+    assert info["torch"] == torch.__version__
+
+
+def test_demo_trains_and_reports_rates_and_kept_fractions():
+    lines = []
+    result = run_demo(epochs=2, n=400, print_fn=lines.append)
+    assert len(result["history"]) == 2
+    for row in result["history"]:
+        for m in ("a", "b"):
+            assert 0.1 <= row["rate"][m] <= 0.9 or row["fallback_fraction"] > 0
+            assert 0 < row["kept_fraction"][m] <= 1
+            assert abs(row["kept_fraction"][m] - row["rate"][m]) < 0.05  # thousands of units per step
+    assert "rate_a" in lines[1] and "kept_b" in lines[1] and lines[-1].startswith("test accuracy")
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--mask", "bogus"])
+    with pytest.raises(SystemExit):
+        main(["demo", "--epochs", "0"])
+    assert "--epochs must be >= 1" in capsys.readouterr().err
+
+
+def test_synthetic_data_splits_and_standardisation():
+    data = modality_competition("parity3", n=500, seed=3)
+    x_tr, y_tr = data.train
+    assert data.dims == {"a": 20, "b": 2 * 3 + 16} and data.num_classes == 4
+    assert (y_tr.shape[0], data.val[1].shape[0], data.test[1].shape[0]) == (300, 100, 100)
+    for m in ("a", "b"):
+        torch.testing.assert_close(x_tr[m].mean(0), torch.zeros(data.dims[m]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(x_tr[m].std(0), torch.ones(data.dims[m]), atol=1e-5, rtol=0)
+    again = modality_competition("parity3", n=500, seed=3)
+    assert torch.equal(again.test[0]["b"], data.test[0]["b"])
+    with pytest.raises(ValueError, match=r"Invalid setting: 'xor3'; allowed: one of \['parity3', 'xor'\]"):
+        modality_competition("xor3")
+
+
+def test_package_works_without_the_extension():
+    code = (
+        "import torch, masked_optim\n"
+        "from masked_optim.backends import _cpp_lib\n"
+        "assert not _cpp_lib.available(), 'extension should be disabled'\n"
+        "assert 'disabled by MASKED_OPTIM_DISABLE_EXTENSION' in _cpp_lib.unavailable_reason()\n"
+        "p = torch.ones(100, requires_grad=True); p.grad = torch.ones(100)\n"
+        "opt = masked_optim.MaskedMultiModalSGD([{'params': [p], 'modality': 'a'}], lr=0.1)\n"
+        "opt.step(rates={'a': 0.5}); s = opt.last_step_stats()['a']\n"
+        "print(s.backend, s.total_units)\n"
+    )
+    env = dict(os.environ, MASKED_OPTIM_DISABLE_EXTENSION="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["reference", "100"]

@@ -1,0 +1,374 @@
+"""MaskedMultiModalSGD: validation, rates, step statistics, non-finite gradients, state and resume."""
+
+import copy
+import io
+import math
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from masked_optim import MaskedMultiModalSGD, modality_param_groups
+from masked_optim.functional import masked_gradient
+from masked_optim.rng import derive_key
+from tolerances import TOLERANCES
+
+
+def two_modality_params(dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    a = [torch.randn(64, 32, generator=gen, dtype=dtype).requires_grad_(), torch.randn(32, generator=gen, dtype=dtype).requires_grad_()]
+    v = [torch.randn(16, 3, 5, generator=gen, dtype=dtype).requires_grad_()]
+    h = [torch.randn(10, 8, generator=gen, dtype=dtype).requires_grad_()]
+    return a, v, h
+
+
+def groups(a, v, h, **kw):
+    return [{"params": a, "modality": "audio"}, {"params": v, "modality": "video"}, {"params": h, "modality": None}]
+
+
+def fill_grads(params, step, scale=1.0):
+    gen = torch.Generator().manual_seed(10_000 + step)
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale).to(p.dtype)
+
+
+def make(mask="amss+", **kw):
+    a, v, h = two_modality_params()
+    opt = MaskedMultiModalSGD(groups(a, v, h), lr=0.1, momentum=0.9, mask=mask, **kw)
+    return opt, a + v + h
+
+
+# ----------------------------------------------------------------------------- validation
+def _p():
+    return [torch.zeros(3, requires_grad=True)]
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,pattern",
+    [
+        (dict(lr=-0.1), ValueError, r"Invalid lr: -0\.1; allowed: a number >= 0"),
+        (dict(lr="0.1"), TypeError, r"Invalid lr: '0\.1' \(type str\); allowed: a number >= 0"),
+        (dict(momentum=-0.5), ValueError, r"Invalid momentum: -0\.5; allowed: a number >= 0"),
+        (dict(weight_decay=-1e-4), ValueError, r"Invalid weight_decay: -0\.0001; allowed: a number >= 0"),
+        (dict(lr=float("nan")), ValueError, r"Invalid lr: nan; allowed"),
+        (dict(nesterov=True), ValueError, r"nesterov=True with momentum=0\.0 and dampening=0\.0; allowed: nesterov requires momentum > 0"),
+        (dict(nesterov=True, momentum=0.9, dampening=0.1), ValueError, r"nesterov=True with momentum=0\.9 and dampening=0\.1"),
+        (dict(mask="topk"), ValueError, r"Invalid mask: 'topk'; allowed: one of 'none', 'uniform', 'amss', 'amss\+'"),
+        (dict(granularity="row"), ValueError, r"Invalid granularity: 'row'; allowed: one of 'element', 'channel'"),
+        (dict(sampler="gumbel"), ValueError, r"Invalid sampler: 'gumbel'; allowed: one of 'poisson', 'multinomial'"),
+        (dict(backend="cuda"), ValueError, r"Invalid backend: 'cuda'; allowed: one of 'auto', 'reference'"),
+        (dict(smoothing=1.5), ValueError, r"Invalid smoothing: 1\.5; allowed: a number in \[0, 1\]"),
+        (dict(mask="amss", unbiased=True), ValueError, r"Invalid unbiased=True with mask='amss'; allowed: None or False"),
+        (dict(mask="amss+", unbiased=False), ValueError, r"Invalid unbiased=False with mask='amss\+'; allowed: None or True"),
+        (dict(unbiased="yes"), TypeError, r"Invalid unbiased: 'yes'; allowed: None, True or False"),
+        (dict(seed=-1), ValueError, r"Invalid seed: -1; allowed: an int in \[0, 2\*\*64\)"),
+        (dict(seed=1.0), ValueError, r"Invalid seed: 1\.0; allowed: an int"),
+        (dict(nonfinite="warn"), ValueError, r"Invalid nonfinite: 'warn'; allowed: one of 'raise', 'skip', 'ignore'"),
+        (dict(maximize=1), TypeError, r"Invalid maximize: 1; allowed: True or False"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else None,
+)
+def test_constructor_rejects_bad_options(kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        MaskedMultiModalSGD(_p(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "override,exc,pattern",
+    [
+        ({"mask": "foo"}, ValueError, r"Invalid param group 1: mask: 'foo'; allowed: one of"),
+        ({"lr": -1}, ValueError, r"Invalid param group 1: lr: -1\.0; allowed: a number >= 0"),
+        ({"modality": 3}, TypeError, r"Invalid param group 1: modality: 3; allowed: a non-empty str, or None"),
+        ({"modality": ""}, TypeError, r"Invalid param group 1: modality: ''"),
+        ({"rate": 0.0}, ValueError, r"Invalid param group 1: rate: 0\.0; allowed: a number in \(0, 1\]"),
+        ({"masked": "no"}, TypeError, r"Invalid param group 1: masked: 'no'; allowed: True or False"),
+    ],
+)
+def test_group_overrides_are_validated_and_nothing_is_added(override, exc, pattern):
+    opt = MaskedMultiModalSGD([{"params": _p(), "modality": "a"}])
+    with pytest.raises(exc, match=pattern):
+        opt.add_param_group({"params": _p(), **override})
+    assert len(opt.param_groups) == 1
+
+
+def test_parameter_in_two_groups_is_rejected():
+    p = torch.zeros(2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"params of param group 1: a parameter of shape \(2, 3\) is already in param group 0; allowed: each parameter in exactly one group"):
+        MaskedMultiModalSGD([{"params": [p], "modality": "a"}, {"params": [p], "modality": "b"}])
+    with pytest.raises(ValueError, match=r"is already in this group"):
+        MaskedMultiModalSGD([{"params": [p, p], "modality": "a"}])
+
+
+def test_complex_parameters_are_rejected():
+    with pytest.raises(ValueError, match=r"dtype torch\.complex64; allowed: real floating-point"):
+        MaskedMultiModalSGD([torch.zeros(2, dtype=torch.complex64, requires_grad=True)])
+
+
+def test_sparse_gradient_is_rejected_before_any_update():
+    emb = nn.Embedding(10, 4, sparse=True)
+    dense = torch.ones(3, requires_grad=True)
+    opt = MaskedMultiModalSGD([{"params": [dense], "modality": "a"}, {"params": emb.parameters(), "modality": "b"}], lr=1.0)
+    emb(torch.tensor([1, 2])).sum().backward()
+    dense.grad = torch.ones(3)
+    before = emb.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"Invalid gradient of parameter 1 \(param group 1, shape \(10, 4\)\): layout torch\.sparse_coo; allowed: dense"):
+        opt.step()
+    assert torch.equal(dense, torch.ones(3)) and torch.equal(emb.weight, before)
+
+
+@pytest.mark.parametrize(
+    "rates,exc,pattern",
+    [
+        ({"audo": 0.5}, ValueError, r"Invalid rates: unknown modality 'audo'; allowed: one of \['audio', 'video'\]"),
+        ({None: 0.5}, ValueError, r"unknown modality None"),
+        ({"audio": 0.0}, ValueError, r"Invalid rates\['audio'\]: 0\.0; allowed: a number in \(0, 1\]"),
+        ({"audio": 1.5}, ValueError, r"Invalid rates\['audio'\]: 1\.5; allowed: a number in \(0, 1\]"),
+        ({"audio": -0.2}, ValueError, r"Invalid rates\['audio'\]: -0\.2"),
+        ({"audio": float("nan")}, ValueError, r"Invalid rates\['audio'\]: nan"),
+        ({"audio": "high"}, TypeError, r"Invalid rates\['audio'\]: 'high' \(type str\)"),
+        ([0.5], TypeError, r"Invalid rates: list; allowed: a dict"),
+    ],
+)
+def test_bad_rates_are_rejected_and_nothing_changes(rates, exc, pattern):
+    opt, params = make()
+    opt.set_rates({"audio": 0.4})
+    with pytest.raises(exc, match=pattern):
+        opt.set_rates({"video": 0.2, **rates} if isinstance(rates, dict) else rates)
+    assert opt.get_rates() == {"audio": 0.4, "video": 1.0}
+    fill_grads(params, 0)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(exc, match=pattern):
+        opt.step(rates=rates)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+# ----------------------------------------------------------------------------- rates and stats
+def test_rates_default_to_one_and_persist_and_override_for_one_step():
+    opt, params = make(mask="amss")
+    assert opt.modalities == ["audio", "video"]
+    assert opt.get_rates() == {"audio": 1.0, "video": 1.0}
+    assert opt.last_step_stats() is None
+    fill_grads(params, 0)
+    opt.step()
+    s = opt.last_step_stats()
+    assert s["audio"].rate == 1.0 and s["audio"].kept_fraction == 1.0
+    opt.set_rates({"audio": 0.25})
+    opt.step()
+    assert opt.last_step_stats()["audio"].rate == 0.25
+    assert opt.last_step_stats()["video"].rate == 1.0
+    opt.step(rates={"video": 0.5})
+    s = opt.last_step_stats()
+    assert (s["audio"].rate, s["video"].rate) == (0.25, 0.5)
+    opt.step()
+    assert opt.last_step_stats()["video"].rate == 1.0  # the override lasted one step
+    assert opt.get_rates() == {"audio": 0.25, "video": 1.0}
+
+
+@pytest.mark.parametrize("granularity", ["element", "channel"])
+@pytest.mark.parametrize("mask", ["uniform", "amss", "amss+"])
+def test_stats_report_kept_fraction(mask, granularity):
+    opt, params = make(mask=mask, granularity=granularity)
+    fill_grads(params, 0)
+    opt.step(rates={"audio": 0.3, "video": 0.6})
+    s = opt.last_step_stats()
+    units_a = 64 * 32 + 32 if granularity == "element" else 64 + 32
+    units_v = 16 * 3 * 5 if granularity == "element" else 16
+    assert (s["audio"].total_units, s["video"].total_units) == (units_a, units_v)
+    assert s[None].total_units == 0 and s[None].kept_fraction == 1.0
+    assert s["audio"].backend == "reference" and not s.skipped
+    for m, rate, n in (("audio", 0.3, units_a), ("video", 0.6, units_v)):
+        # 5 sigma of a Poisson-binomial count with sum q = rate * n (variance <= n / 4).
+        assert abs(s[m].kept_fraction - rate) <= 5 * math.sqrt(0.25 / n)
+        assert s[m].kept_fraction == s[m].kept_units / n
+
+
+def test_shared_and_unmasked_groups_are_dense():
+    gen = torch.Generator().manual_seed(0)
+    w, b, h = (torch.randn(s, generator=gen).requires_grad_() for s in [(20, 10), (20,), (5, 20)])
+    opt = MaskedMultiModalSGD(
+        [{"params": [w], "modality": "x"}, {"params": [b], "modality": "x", "masked": False}, {"params": [h]}],
+        lr=0.1, mask="amss",
+    )
+    ref = [t.detach().clone() for t in (w, b, h)]
+    for t in (w, b, h):
+        t.grad = torch.randn(t.shape, generator=gen)
+    opt.step(rates={"x": 0.1})
+    assert torch.equal(b, ref[1].add(b.grad, alpha=-0.1)) and torch.equal(h, ref[2].add(h.grad, alpha=-0.1))
+    assert (w == ref[0]).float().mean() > 0.5  # most of the masked tensor did not move
+    s = opt.last_step_stats()
+    assert s["x"].total_units == 200 and s[None].total_units == 0
+
+
+def test_masked_update_equals_functional_reference():
+    """The optimizer applies exactly the masked gradient of tensor i at its step t under the group's seed."""
+    opt, params = make(mask="amss+", seed=42)
+    opt.param_groups[0]["momentum"] = 0.0
+    fill_grads(params, 0)
+    before = params[0].detach().clone()
+    opt.step(rates={"audio": 0.3})
+    gm, _ = masked_gradient(params[0].grad, rate=0.3, key=derive_key(42, 0, 0))
+    assert torch.equal(params[0], before.add(gm, alpha=-0.1))
+
+
+def test_seed_changes_masks_and_same_seed_reproduces():
+    masks = []
+    for seed in (0, 0, 1):
+        opt, params = make(mask="amss", seed=seed)
+        fill_grads(params, 0)
+        before = params[0].detach().clone()
+        opt.step(rates={"audio": 0.5})
+        masks.append(params[0] != before)
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_parameters_update_in_float32(dtype):
+    a, v, h = two_modality_params(dtype=torch.float32)
+    half = [p.detach().to(dtype).requires_grad_() for p in a + v + h]
+    wide = [p.detach().to(dtype).float().requires_grad_() for p in a + v + h]
+    opts = [MaskedMultiModalSGD(groups(x[:2], x[2:3], x[3:]), lr=0.1, momentum=0.9, weight_decay=1e-2) for x in (half, wide)]
+    for step in range(3):
+        fill_grads(half, step)
+        for p, q in zip(half, wide):
+            q.grad = p.grad.float()
+        for o in opts:
+            o.step(rates={"audio": 0.5, "video": 0.7})
+    for p, q in zip(half, wide):
+        assert p.dtype == dtype
+        torch.testing.assert_close(p.float(), q, **TOLERANCES[dtype])
+        assert opts[0].state[p]["momentum_buffer"].dtype == dtype
+
+
+def test_zero_size_and_scalar_parameters_step():
+    params = [torch.zeros(0, 3, requires_grad=True), torch.ones((), requires_grad=True), torch.ones(3, 0, requires_grad=True)]
+    for gran in ("element", "channel"):
+        opt = MaskedMultiModalSGD([{"params": params, "modality": "m"}], lr=0.1, granularity=gran)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step(rates={"m": 0.5})
+        assert all(torch.isfinite(p).all() for p in params)
+
+
+# ----------------------------------------------------------------------------- non-finite gradients
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_raises_and_updates_nothing(bad):
+    opt, params = make()
+    fill_grads(params, 0)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    state = copy.deepcopy(opt.state_dict())
+    fill_grads(params, 1)
+    params[2].grad[0, 0, 1] = bad
+    with pytest.raises(FloatingPointError, match=r"Non-finite gradient \(NaN or Inf\) in parameters \[2\].*no parameter was updated"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    after = opt.state_dict()
+    assert all(torch.equal(after["state"][i]["momentum_buffer"], state["state"][i]["momentum_buffer"]) for i in state["state"])
+
+
+def test_nonfinite_gradient_skip_leaves_everything_as_if_the_step_never_happened():
+    opt, params = make(mask="amss", nonfinite="skip")
+    twin, twin_params = make(mask="amss")
+    for step in range(2):
+        fill_grads(params, step)
+        fill_grads(twin_params, step)
+        opt.step(rates={"audio": 0.5})
+        twin.step(rates={"audio": 0.5})
+    fill_grads(params, 99)
+    params[0].grad[3, 3] = float("inf")
+    opt.step(rates={"audio": 0.5})
+    s = opt.last_step_stats()
+    assert s.skipped and s.nonfinite_params == (0,) and opt.skipped_steps == 1
+    for step in range(2, 4):  # the next steps draw the masks the twin draws
+        fill_grads(params, step)
+        fill_grads(twin_params, step)
+        opt.step(rates={"audio": 0.5})
+        twin.step(rates={"audio": 0.5})
+    assert all(torch.equal(p, q) for p, q in zip(params, twin_params))
+
+
+def test_nonfinite_ignore_updates_like_torch_sgd():
+    opt, params = make(nonfinite="ignore")
+    fill_grads(params, 0)
+    params[3].grad[0, 0] = float("nan")
+    opt.step()
+    assert torch.isnan(params[3][0, 0])
+
+
+# ----------------------------------------------------------------------------- state and resume
+def _rates_at(step):
+    return {"audio": 0.2 + 0.05 * (step % 7), "video": 0.9 - 0.1 * (step % 5)}
+
+
+@pytest.mark.parametrize(
+    "mask,granularity,sampler",
+    [("amss+", "element", "poisson"), ("amss", "channel", "poisson"), ("uniform", "element", "poisson"),
+     ("amss+", "element", "multinomial"), ("amss", "channel", "multinomial")],
+)
+def test_resume_from_state_dict_is_bit_identical(mask, granularity, sampler):
+    k = 6
+    opt, params = make(mask=mask, granularity=granularity, sampler=sampler, seed=7, weight_decay=1e-3)
+    for step in range(k):
+        fill_grads(params, step)
+        opt.set_rates(_rates_at(step))
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buffer)
+    for step in range(k, 2 * k):
+        fill_grads(params, step)
+        opt.set_rates(_rates_at(step)) if step % 2 else None
+        opt.step()
+
+    buffer.seek(0)
+    ckpt = torch.load(buffer)
+    resumed_params = [p.clone().requires_grad_() for p in ckpt["params"]]
+    fresh = MaskedMultiModalSGD(groups(resumed_params[:2], resumed_params[2:3], resumed_params[3:]), lr=0.5, mask="none")
+    fresh.load_state_dict(ckpt["opt"])
+    assert fresh.get_rates() == _rates_at(k - 1) and fresh.param_groups[0]["seed"] == 7
+    for step in range(k, 2 * k):
+        fill_grads(resumed_params, step)
+        fresh.set_rates(_rates_at(step)) if step % 2 else None
+        fresh.step()
+    for p, q in zip(params, resumed_params):
+        assert torch.equal(p, q)
+
+
+def test_old_checkpoints_get_new_defaults():
+    opt, params = make()
+    state = opt.__getstate__()
+    for g in state["param_groups"]:
+        del g["smoothing"]
+    del state["nonfinite"]
+    restored = MaskedMultiModalSGD.__new__(MaskedMultiModalSGD)
+    restored.__setstate__(state)
+    assert restored.param_groups[0]["smoothing"] == 0.5 and restored.nonfinite == "raise"
+    opt.nonfinite = "skip"
+    copied = pickle.loads(pickle.dumps(opt))
+    assert copied.param_groups[1]["modality"] == "video" and copied.nonfinite == "skip"
+
+
+def test_added_param_group_is_masked_and_keyed_by_its_index():
+    opt, params = make(mask="amss")
+    extra = torch.randn(30, 30, requires_grad=True)
+    opt.add_param_group({"params": [extra], "modality": "text", "rate": 0.3})
+    assert opt.modalities == ["audio", "video", "text"] and opt.get_rates()["text"] == 0.3
+    fill_grads(params + [extra], 0)
+    opt.step()
+    s = opt.last_step_stats()
+    assert s["text"].total_units == 900 and abs(s["text"].kept_fraction - 0.3) < 5 * math.sqrt(0.25 / 900)
+
+
+def test_works_with_modality_param_groups_and_a_real_model():
+    torch.manual_seed(0)
+    enc = {"a": nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU()), "b": nn.Linear(3, 8)}
+    head = nn.Linear(16, 2)
+    opt = MaskedMultiModalSGD(modality_param_groups(enc, shared=head, mask_biases_and_norms=False), lr=0.1, momentum=0.9)
+    x_a, x_b, y = torch.randn(32, 5), torch.randn(32, 3), torch.randint(2, (32,))
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(head(torch.cat([enc["a"](x_a), enc["b"](x_b)], 1)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step(rates={"a": 0.3, "b": 0.9})
+    s = opt.last_step_stats()
+    assert s["a"].total_units == 5 * 8 and s["b"].total_units == 3 * 8  # biases and norms dense

@@ -1,0 +1,161 @@
+"""ModalSignificance against SPEC §3 worked by hand."""
+
+import math
+
+import pytest
+import torch
+
+from masked_optim import ModalSignificance
+
+LN2 = math.log(2)
+
+
+def softmax2(x, y):
+    return 1 / (1 + math.exp(y - x)), 1 / (1 + math.exp(x - y))
+
+
+def example():
+    # Labels [0, 0, 1, 1]: p = (1/2, 1/2), H_Y = ln 2.
+    # Audio is confident and right: CE = ln(1 + e^-2). Video is uninformative: CE = ln 2.
+    labels = torch.tensor([0, 0, 1, 1])
+    audio = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [0.0, 2.0]])
+    video = torch.zeros(4, 2)
+    return {"audio": audio, "video": video}, labels
+
+
+def test_hand_computed_rates_without_features():
+    logits, labels = example()
+    est = ModalSignificance(min_rate=0.01, max_rate=1.0)
+    rates = est(logits, labels)
+    i_a = LN2 - math.log(1 + math.exp(-2))
+    i_v = 0.0
+    r_a, r_v = i_a + 0.5, i_v + 0.5
+    s_a, s_v = softmax2(r_a / 0.2, r_v / 0.2)
+    assert rates == pytest.approx({"audio": 1 - s_a, "video": 1 - s_v}, abs=1e-12)
+    assert all(type(v) is float for v in rates.values())
+    assert est.last.label_entropy == pytest.approx(LN2, abs=1e-12)
+    assert est.last.mutual_information == pytest.approx({"audio": i_a, "video": i_v}, abs=1e-12)
+    assert est.last.mi_rate == pytest.approx({"audio": r_a, "video": r_v}, abs=1e-12)
+    assert est.last.feature_entropy == {} and not est.last.fallback
+    assert rates["audio"] + rates["video"] == pytest.approx(1.0, abs=1e-12)  # two modalities, b = 0
+
+
+def test_default_clamps_apply():
+    logits, labels = example()
+    rates = ModalSignificance()(logits, labels)  # 1 - s_a = 0.0556 -> 0.1, 1 - s_v = 0.944 -> 0.9
+    assert rates == {"audio": 0.1, "video": 0.9}
+
+
+def test_hand_computed_rates_with_features_and_bias():
+    logits, labels = example()
+    # Uniform features of width 4 have entropy ln 4; one-hot-ish features (10, 0) have less.
+    z_a = torch.zeros(4, 4)
+    z_v = torch.tensor([[10.0, 0.0, 0.0, 0.0]]).repeat(4, 1)
+    p = torch.softmax(z_v[0].double(), 0)
+    h_v = -(p * p.log()).sum().item()
+    est = ModalSignificance(temperature=0.5, offset=0.3, bias=0.1, min_rate=0.0001, max_rate=1.0)
+    rates = est(logits, labels, features={"audio": z_a, "video": z_v})
+    i_a = LN2 - math.log(1 + math.exp(-2))
+    r_a, r_v = (i_a + 0.3) / math.log(4), (0 + 0.3) / h_v
+    s_a, s_v = softmax2(r_a / 0.5, r_v / 0.5)
+    assert est.last.feature_entropy == pytest.approx({"audio": math.log(4), "video": h_v}, abs=1e-12)
+    assert rates == pytest.approx({"audio": min(1.0, 1 - s_a + 0.1), "video": min(1.0, 1 - s_v + 0.1)}, abs=1e-12)
+
+
+def test_label_entropy_ignores_absent_classes():
+    labels = torch.tensor([0, 0, 0, 2])  # class 1 absent, p = (3/4, 0, 1/4)
+    logits = {"a": torch.zeros(4, 3), "b": torch.zeros(4, 3)}
+    est = ModalSignificance(offset=2.0)
+    est(logits, labels)
+    assert est.last.label_entropy == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)), abs=1e-12)
+    assert est.last.cross_entropy["a"] == pytest.approx(math.log(3), abs=1e-12)
+
+
+def test_more_significant_modality_gets_smaller_rate():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(5, (256,), generator=gen)
+    strong = torch.nn.functional.one_hot(labels, 5).float() * 3 + torch.randn(256, 5, generator=gen)
+    weak = torch.nn.functional.one_hot(labels, 5).float() * 0.5 + torch.randn(256, 5, generator=gen)
+    noise = torch.randn(256, 5, generator=gen) * 0.1
+    est = ModalSignificance(temperature=1.0, min_rate=0.01, max_rate=1.0)
+    rates = est({"weak": weak, "strong": strong, "noise": noise}, labels)
+    mi = est.last.mutual_information
+    assert mi["strong"] > mi["weak"] > mi["noise"]
+    assert rates["strong"] < rates["weak"] < rates["noise"]
+
+
+def test_three_modalities_follow_the_softmax_formula():
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.randint(3, (64,), generator=gen)
+    logits = {m: torch.randn(64, 3, generator=gen) + k * torch.nn.functional.one_hot(labels, 3) for k, m in enumerate("xyz")}
+    est = ModalSignificance(temperature=0.7, min_rate=1e-6, max_rate=1.0)
+    rates = est(logits, labels)
+    r = est.last.mi_rate
+    z = sum(math.exp(r[m] / 0.7) for m in "xyz")
+    assert rates == pytest.approx({m: 1 - math.exp(r[m] / 0.7) / z for m in "xyz"}, abs=1e-12)
+
+
+def test_fallback_when_offset_mutual_information_is_not_positive():
+    logits, labels = example()
+    logits["video"] = torch.tensor([[0.0, 9.0], [0.0, 9.0], [9.0, 0.0], [9.0, 0.0]])  # confidently wrong
+    est = ModalSignificance()
+    assert est(logits, labels) == {"audio": 0.5, "video": 0.5}
+    assert est.last.fallback
+    assert est.last.mutual_information["video"] + 0.5 <= 0
+
+
+def test_fallback_when_not_finite():
+    logits, labels = example()
+    logits["audio"][0, 0] = float("nan")
+    est = ModalSignificance()
+    assert est(logits, labels) == {"audio": 0.5, "video": 0.5} and est.last.fallback
+
+
+def test_ema_smooths_mutual_information_rate_and_skips_fallback_batches():
+    logits, labels = example()
+    est = ModalSignificance(beta=0.75, min_rate=1e-6, max_rate=1.0)
+    est(logits, labels)
+    r1 = est.last.mi_rate
+    swapped = {"audio": logits["video"], "video": logits["audio"]}
+    est(swapped, labels)
+    r2 = {"audio": r1["video"], "video": r1["audio"]}
+    expected = {m: 0.75 * r1[m] + 0.25 * r2[m] for m in r1}
+    assert est.last.mi_rate == pytest.approx(expected, abs=1e-12)
+    bad = dict(logits, video=torch.tensor([[0.0, 9.0]] * 2 + [[9.0, 0.0]] * 2))
+    est(bad, labels)
+    assert est.last.fallback and est.state_dict()["ema"] == pytest.approx(expected, abs=1e-12)
+    fresh = ModalSignificance(beta=0.75)
+    fresh.load_state_dict(est.state_dict())
+    assert fresh.state_dict() == est.state_dict()
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,pattern",
+    [
+        (dict(temperature=0), ValueError, r"Invalid temperature: 0; allowed: a number > 0"),
+        (dict(min_rate=0.0), ValueError, r"Invalid min_rate: 0\.0; allowed: a number in \(0, 1\]"),
+        (dict(max_rate=1.2), ValueError, r"Invalid max_rate: 1\.2; allowed: a number in \(0, 1\]"),
+        (dict(min_rate=0.8, max_rate=0.5), ValueError, r"Invalid min_rate=0\.8 > max_rate=0\.5; allowed: min_rate <= max_rate"),
+        (dict(beta=1.0), ValueError, r"Invalid beta: 1\.0; allowed: a number in \[0, 1\)"),
+        (dict(offset=float("inf")), ValueError, r"Invalid offset: inf; allowed: a finite number"),
+        (dict(bias="0"), TypeError, r"Invalid bias: '0'; allowed: a finite number"),
+    ],
+)
+def test_constructor_validation(kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        ModalSignificance(**kwargs)
+
+
+def test_call_validation():
+    logits, labels = example()
+    est = ModalSignificance()
+    with pytest.raises(ValueError, match=r"Invalid labels: \(4,\); allowed: a 1-D integer tensor"):
+        est(logits, labels.float())
+    with pytest.raises(ValueError, match=r"Invalid logits\['video'\]: shape \(3, 2\); allowed: \(4, K\)"):
+        est({"audio": logits["audio"], "video": torch.zeros(3, 2)}, labels)
+    with pytest.raises(ValueError, match=r"Invalid logits\['video'\]: 3 classes; allowed: 2"):
+        est({"audio": logits["audio"], "video": torch.zeros(4, 3)}, labels)
+    with pytest.raises(ValueError, match=r"Invalid features: keys \['audio'\]; allowed: the same modalities as logits"):
+        est(logits, labels, features={"audio": torch.zeros(4, 3)})
+    with pytest.raises(ValueError, match=r"Invalid logits: dict; allowed: a non-empty dict"):
+        est({}, labels)
