@@ -46,11 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="masked-optim", description="Balanced multimodal learning with masked SGD.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train on synthetic two-modality data, printing rates and kept fractions")
-    demo.add_argument("--epochs", type=int, default=10)
+    demo.add_argument("--epochs", type=int, default=20)
     demo.add_argument("--mask", default="amss", choices=["none", "uniform", "amss", "amss+"])
     demo.add_argument("--granularity", default="element", choices=["element", "channel"])
     demo.add_argument("--setting", default="xor", choices=["xor", "parity3"])
-    demo.add_argument("--n", type=int, default=3000, help="number of samples (60/20/20 split)")
+    demo.add_argument("--n", type=int, default=5000, help="number of samples (60/20/20 split)")
+    demo.add_argument("--no-baseline", action="store_true", help="skip the plain-SGD run for comparison")
     demo.add_argument("--seed", type=int, default=0)
     sub.add_parser("env", help="print versions and which backends are built and usable")
     args = parser.parse_args(argv)
@@ -59,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--epochs must be >= 1, got {args.epochs}")
         from .demo import run_demo
 
-        run_demo(epochs=args.epochs, mask=args.mask, granularity=args.granularity, n=args.n, setting=args.setting, seed=args.seed)
+        run_demo(
+            epochs=args.epochs, mask=args.mask, granularity=args.granularity, n=args.n, setting=args.setting, seed=args.seed,
+            baseline=not args.no_baseline,
+        )
     elif args.command == "env":
         for key, value in environment().items():
             print(f"{key:>26}: {value}")

@@ -29,7 +29,9 @@ def test_demo_trains_and_reports_rates_and_kept_fractions():
             assert 0.1 <= row["rate"][m] <= 0.9 or row["fallback_fraction"] > 0
             assert 0 < row["kept_fraction"][m] <= 1
             assert abs(row["kept_fraction"][m] - row["rate"][m]) < 0.05  # thousands of units per step
-    assert "rate_a" in lines[1] and "kept_b" in lines[1] and lines[-1].startswith("test accuracy")
+    assert "rate_a" in lines[1] and "kept_b" in lines[1]
+    assert lines[-2].startswith("amss test accuracy") and lines[-1].startswith("plain SGD, same seed")
+    assert set(result["baseline_test_accuracy"]) == {"fused", "a", "b"}
 
 
 def test_cli_rejects_bad_arguments(capsys):
