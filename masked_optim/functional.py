@@ -23,7 +23,7 @@ dtype, so that with masking off the update is bit-identical to ``torch.optim.SGD
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -84,19 +84,21 @@ def inclusion_scalars(
     the same set, so extra rounds change nothing (identical to stopping early).
     """
     n = scores.numel()
+    if n == 0:
+        return scores.new_zeros(()), scores.new_zeros(())
     gamma = float(smoothing)
     budget = float(rate) * n
     total = scores.sum()
     has_signal = total > 0
     pi = torch.where(has_signal, scores / total, 1.0 / n)
     pt = pi * (1.0 - gamma) + gamma / n
-    c = torch.tensor(budget, dtype=scores.dtype, device=scores.device)
+    c = scores.new_full((), budget)  # a fill, not a host-to-device copy
     nothing_saturates = pt.max() * budget <= 1.0
     c_iter = c
     for _ in range(max_iter):
         saturated = pt * c_iter >= 1.0
         rest = torch.where(saturated, 0.0, pt).sum()
-        free = budget - saturated.sum()
+        free = budget - saturated.sum().to(scores.dtype)
         c_iter = torch.where(rest > 0, free / rest, math.inf)
     c = torch.where(nothing_saturates, c, c_iter)
     # pt_j * c == alpha * s_j + beta, with the "no signal" case folded into beta.
@@ -134,19 +136,20 @@ def masked_gradient(
     sampler: str = "poisson",
     unbiased: Optional[bool] = None,
     max_iter: int = WATERFILL_MAX_ITER,
-) -> tuple[Tensor, Tensor]:
-    """The masked gradient ``g~`` of SPEC §2.5 and the number of units kept (a 0-d int64 tensor).
+) -> tuple[Tensor, Union[Tensor, int]]:
+    """The masked gradient ``g~`` of SPEC §2.5 and the number of units kept.
 
     ``grad`` must already be negated for ``maximize``. The result is in the compute dtype
     (float32 for half-precision gradients). ``key`` is the Philox key of this tensor at this step
-    (:func:`masked_optim.rng.derive_key`). With ``mask="none"`` or ``rate >= 1`` the gradient is
-    returned unchanged and every unit counts as kept.
+    (:func:`masked_optim.rng.derive_key`). The count is a 0-d int64 tensor on the gradient's
+    device when units were sampled; with ``mask="none"`` or ``rate >= 1`` the gradient is returned
+    unchanged and the count is the python int ``N`` (no device work on the dense path).
     """
     cdtype = _compute_dtype(grad.dtype)
     g = grad.to(cdtype)
     n = _num_units(grad.shape, granularity)
     if mask == "none" or rate >= 1.0 or n == 0:
-        return g, torch.tensor(n, dtype=torch.int64, device=grad.device)
+        return g, n
     if unbiased is None:
         unbiased = mask == "amss+"
     u = philox_uniform(key, n, device=grad.device)
@@ -207,7 +210,7 @@ def _single_tensor_masked_sgd(
     sampler: str,
     unbiased: Optional[bool],
     max_iter: int,
-) -> list[Tensor]:
+) -> list[Union[Tensor, int]]:
     kept_counts = []
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
@@ -268,13 +271,13 @@ def masked_sgd(
     sampler: str = "poisson",
     unbiased: Optional[bool] = None,
     max_iter: int = WATERFILL_MAX_ITER,
-) -> list[Tensor]:
+) -> list[Union[Tensor, int]]:
     """Functional masked SGD over a list of tensors that share one modality and one rate.
 
     Updates ``params`` in place and ``momentum_buffer_list`` in place (a ``None`` entry is
     replaced by the new buffer on the first step with momentum, as ``torch.optim.sgd``).
     ``keys[i]`` is the Philox key of ``params[i]`` for this step. Returns, per tensor, the number
-    of units kept (0-d int64 tensors, left on the device: reading them synchronises).
+    of units kept (see :func:`masked_gradient`: device tensors, read lazily, or python ints).
     """
     if not (len(params) == len(grads) == len(momentum_buffer_list) == len(keys)):
         raise ValueError(

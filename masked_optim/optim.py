@@ -41,10 +41,12 @@ class ModalityStats:
 
 @dataclass(frozen=True)
 class StepStats:
-    """Per-modality statistics of the last step; ``skipped`` when a non-finite gradient was skipped.
+    """Per-modality statistics of the last step.
 
     Index it by modality name (``stats["audio"].kept_fraction``); shared parameters are under
-    ``None``.
+    ``None``. When the step was skipped for a non-finite gradient (``nonfinite="skip"``),
+    ``skipped`` is True, ``nonfinite_params`` lists the offending parameter indices (in
+    param-group order) and ``modalities`` is empty.
     """
 
     modalities: dict[Optional[str], ModalityStats]
@@ -445,7 +447,7 @@ class MaskedMultiModalSGD(Optimizer):
         out = {}
         for modality, entry in acc.items():
             total = entry["units"]
-            kept = int(torch.stack([k.cpu() for k in entry["kept"]]).sum()) if entry["kept"] else 0
+            kept = sum(int(k) for k in entry["kept"])  # int() of a device count synchronises here only
             rate = entry["rate_units"] / total if total else (1.0 if modality is None else entry["rate"])
             out[modality] = ModalityStats(
                 rate=float(rate),

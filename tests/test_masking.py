@@ -185,7 +185,7 @@ def test_rate_one_and_mask_none_return_gradient_unchanged():
     g = heavy_tailed((7, 5), dtype=torch.float32)
     for mask in ["none", "uniform", "amss", "amss+"]:
         gm, kept = masked_gradient(g, rate=1.0 if mask != "none" else 0.3, key=1, mask=mask)
-        assert torch.equal(gm, g) and kept.item() == 35
+        assert torch.equal(gm, g) and kept == 35 and isinstance(kept, int)
 
 
 def test_mask_is_a_function_of_key():
@@ -222,7 +222,7 @@ def test_degenerate_shapes(shape, granularity):
     gm, kept = masked_gradient(g, rate=0.5, key=1, granularity=granularity)
     assert gm.shape == g.shape and torch.isfinite(gm).all()
     units = (shape[0] if shape else 1) if granularity == "channel" else g.numel()
-    assert 0 <= kept.item() <= units
+    assert 0 <= int(kept) <= units
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
