@@ -34,9 +34,13 @@ else:
         ext_modules.append(
             CppExtension(
                 "masked_optim._C",
-                sources=["csrc/cpu/masked_optim_cpu.cpp"],
+                sources=["csrc/cpu/masked_optim_cpu.cpp", "csrc/cpu/masked_sgd_cpu.cpp"],
                 include_dirs=[os.path.join(here, "csrc")],
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
+                # -ffp-contract=off: q = alpha * s + beta must round twice, like the reference, or
+                # masks differ from it by an ulp. -fopenmp: at::parallel_for uses OpenMP; the
+                # runtime resolves to the libgomp that torch already loaded (same soname).
+                extra_compile_args={"cxx": ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp"]},
+                extra_link_args=["-fopenmp"],
             )
         )
         cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)

@@ -27,6 +27,8 @@ MASKED_OPTIM_HD Philox4x32 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, 
                                          uint32_t k1) {
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #pragma unroll
+#elif defined(__GNUC__)
+#pragma GCC unroll 10
 #endif
   for (int r = 0; r < 10; ++r) {
     const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;

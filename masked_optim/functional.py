@@ -65,6 +65,8 @@ def unit_scores(grad: Tensor, granularity: str) -> Tensor:
     """
     g = grad.to(_compute_dtype(grad.dtype))
     if granularity == "channel" and g.dim() > 0:
+        if g.numel() == 0:  # (0, ...) has no units; (k, 0, ...) has k units of score 0
+            return g.new_zeros(g.shape[0])
         return g.reshape(g.shape[0], -1).square().sum(dim=1)
     return g.reshape(-1).square()
 

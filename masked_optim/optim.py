@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .backends import BACKENDS, resolve_backend
+from .backends import BACKENDS, MODE_CODES, kernel_for, resolve_backend
 from .functional import GRANULARITIES, MASKS, SAMPLERS, WATERFILL_MAX_ITER, _num_units, masked_sgd
 from .rng import derive_key
 
@@ -136,7 +136,12 @@ class MaskedMultiModalSGD(Optimizer):
             by definition; contradicting them is an error.
         seed: non-negative int keying the mask stream. The mask of tensor ``i`` at its ``t``-th
             step is a pure function of ``(seed, t, i)``, and both are in :meth:`state_dict`.
-        backend: ``"auto"`` (default) or ``"reference"`` (the pure-PyTorch path).
+        backend: ``"auto"`` (default: the fused kernel for the tensors' device when available, else
+            the reference with a one-time warning), ``"reference"`` (pure PyTorch), ``"cpp"``,
+            ``"cuda"`` or ``"triton"`` (an explicit backend that cannot run raises
+            :class:`~masked_optim.backends.BackendUnavailable`). Tensors with nothing to mask (shared
+            or ``masked=False`` groups, ``mask="none"``, rate 1) always run ``torch.optim.SGD``'s
+            own ops, so that masking off is SGD bit for bit on every backend.
         nonfinite: what a step does when a gradient holds NaN or Inf: ``"raise"`` (default,
             nothing is updated), ``"skip"`` (nothing is updated; :meth:`last_step_stats` reports
             it and ``skipped_steps`` counts it) or ``"ignore"`` (update anyway, like
@@ -268,6 +273,9 @@ class MaskedMultiModalSGD(Optimizer):
         for name, default in self.defaults.items():
             param_group.setdefault(name, default)
         self._validate_group(param_group, where=f"param group {group_index}: ")
+        for device in {p.device for p in params if isinstance(p, Tensor)}:
+            # An explicit backend that cannot run on these tensors fails here, with the reason.
+            resolve_backend(param_group["backend"], device, param_group["sampler"])
         super().add_param_group(param_group)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -377,38 +385,81 @@ class MaskedMultiModalSGD(Optimizer):
             modality = group["modality"]
             dense = modality is None or not group["masked"] or group["mask"] == "none"
             rate = 1.0 if modality is None else overrides.get(modality, group["rate"])
-            backend = resolve_backend(group["backend"])
-            if params:
-                kept = masked_sgd(
-                    params,
-                    grads,
-                    bufs,
-                    keys,
-                    lr=group["lr"],
-                    momentum=group["momentum"],
-                    dampening=group["dampening"],
-                    weight_decay=group["weight_decay"],
-                    nesterov=group["nesterov"],
-                    maximize=group["maximize"],
-                    mask="none" if dense else group["mask"],
-                    rate=1.0 if dense else rate,
-                    granularity=group["granularity"],
-                    smoothing=group["smoothing"],
-                    sampler=group["sampler"],
-                    unbiased=group["unbiased"],
-                    max_iter=WATERFILL_MAX_ITER,
-                )
-                for p, buf in zip(params, bufs):
-                    state = self.state[p]
-                    if group["momentum"] != 0:
-                        state["momentum_buffer"] = buf
-                    state["step"] = state.get("step", 0) + 1
-            else:
-                kept = []
+            sparse_rate = not dense and rate < 1.0
+            kept: list = [None] * len(params)
+            backends = set()
+            by_backend: dict[str, list[int]] = {}
+            for i, p in enumerate(params):
+                name = self._resolve(group["backend"], p.device, group["sampler"]) if sparse_rate else "reference"
+                by_backend.setdefault(name, []).append(i)
+            for name, idx in by_backend.items():
+                backends.add(name)
+                sub = [params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx], [keys[i] for i in idx]
+                if name == "reference":
+                    counts = masked_sgd(
+                        *sub,
+                        lr=group["lr"],
+                        momentum=group["momentum"],
+                        dampening=group["dampening"],
+                        weight_decay=group["weight_decay"],
+                        nesterov=group["nesterov"],
+                        maximize=group["maximize"],
+                        mask=group["mask"] if sparse_rate else "none",
+                        rate=rate if sparse_rate else 1.0,
+                        granularity=group["granularity"],
+                        smoothing=group["smoothing"],
+                        sampler=group["sampler"],
+                        unbiased=group["unbiased"],
+                        max_iter=WATERFILL_MAX_ITER,
+                    )
+                else:
+                    counts = self._fused_step(kernel_for(name), group, rate, *sub)
+                for j, i in enumerate(idx):
+                    kept[i] = counts[j]
+                    bufs[i] = sub[2][j]
+            for p, buf in zip(params, bufs):
+                state = self.state[p]
+                if group["momentum"] != 0:
+                    state["momentum_buffer"] = buf
+                state["step"] = state.get("step", 0) + 1
             units = [_num_units(p.shape, group["granularity"]) for p in params]
-            records.append((modality, rate, dense, backend, kept, units))
+            records.append((modality, rate, dense, ",".join(sorted(backends)) or "reference", kept, units))
         self._last_stats = (records, False, ())
         return loss
+
+    def _resolve(self, requested: str, device: torch.device, sampler: str) -> str:
+        cache = self.__dict__.setdefault("_backend_cache", {})
+        key = (requested, device, sampler)
+        if key not in cache:
+            cache[key] = resolve_backend(requested, device, sampler)
+        return cache[key]
+
+    @staticmethod
+    def _fused_step(kernel, group, rate, params, grads, bufs, keys) -> list[Tensor]:
+        """One kernel call per tensor; non-contiguous tensors go through contiguous copies."""
+        mode = MODE_CODES[(group["mask"], group["unbiased"] if group["unbiased"] is not None else group["mask"] == "amss+")]
+        momentum = group["momentum"]
+        counts = []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            pc = p if p.is_contiguous() else p.contiguous()
+            buf, first = bufs[i], False
+            if momentum != 0:
+                if buf is None:
+                    buf, first = torch.empty_like(pc, memory_format=torch.contiguous_format), True
+                elif not buf.is_contiguous():
+                    buf = buf.contiguous()
+                bufs[i] = buf
+            else:
+                buf = pc.new_empty(0)
+            kept, _ = kernel(
+                pc, g.contiguous(), buf, None, None, keys[i], float(rate), float(group["smoothing"]),
+                WATERFILL_MAX_ITER, mode, group["granularity"] == "channel", float(group["lr"]), float(momentum),
+                float(group["dampening"]), float(group["weight_decay"]), group["nesterov"], group["maximize"], first,
+            )
+            if pc is not p:
+                p.copy_(pc)
+            counts.append(kept)
+        return counts
 
     def _nonfinite_step(self, loss):
         bad = []

@@ -1,6 +1,7 @@
 // CPU kernels of masked_optim, registered as torch.library ops under the `masked_optim` namespace.
-// The fused masked-SGD kernels land here next; for now the Philox uniform generator, which must be
-// bit-identical to the pure-PyTorch reference (masked_optim/rng.py) and to Triton's tl.rand4x.
+// This file defines every op schema once (TORCH_LIBRARY) and the module entry point; kernels register
+// their implementations per device (masked_sgd_cpu.cpp, cuda/). The Philox uniform generator here must
+// be bit-identical to the pure-PyTorch reference (masked_optim/rng.py) and to Triton's tl.rand4x.
 #include <Python.h>
 
 #include <ATen/Parallel.h>
@@ -51,7 +52,7 @@ std::string build_info() {
 #else
   info += ";openmp=no";
 #endif
-  info += ";kernels=philox_uniform";
+  info += ";kernels=philox_uniform,masked_sgd";
   return info;
 }
 
@@ -59,6 +60,11 @@ std::string build_info() {
 
 TORCH_LIBRARY(masked_optim, m) {
   m.def("philox_uniform_(Tensor(a!) out, int key) -> Tensor(a!)");
+  // The masked SGD step of one tensor (kernel contract: see masked_optim/backends/__init__.py).
+  m.def(
+      "masked_sgd_(Tensor(a!) param, Tensor grad, Tensor(b!) momentum_buffer, Tensor? scores, Tensor? scalars, "
+      "int key, float rate, float smoothing, int max_iter, int mode, bool channel, float lr, float momentum, "
+      "float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step) -> (Tensor, Tensor)");
   m.def("build_info() -> str", &build_info);
 }
 

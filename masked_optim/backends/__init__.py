@@ -1,25 +1,149 @@
 """Backend selection, in one place.
 
-``"reference"`` is the pure-PyTorch step of :mod:`masked_optim.functional` and runs on every
-device. ``"auto"`` picks the fastest implementation available for the tensors' device; until the
-fused kernels land it is always the reference. The backend that actually ran is reported in
+Implementations of the masked step, all computing SPEC §2 with the Philox stream of SPEC §4:
+
+* ``"reference"``: the pure-PyTorch single-tensor step of :mod:`masked_optim.functional`; every
+  device, every option (the only one with ``sampler="multinomial"``).
+* ``"cpp"``: the fused C++ kernel ``torch.ops.masked_optim.masked_sgd_`` on CPU tensors.
+* ``"cuda"``: the same op's CUDA kernel, when the extension was built with CUDA.
+* ``"triton"``: Triton kernels on CUDA tensors, when triton is installed (on CPU tensors only under
+  ``TRITON_INTERPRET=1``, which is how the tests run them without a GPU).
+
+``"auto"`` picks, per parameter group and device, ``cuda > triton > reference`` on GPU tensors and
+``cpp > reference`` on CPU tensors; a fallback to the reference warns once. An explicit backend that
+cannot run raises :class:`BackendUnavailable` with the reason. The backend that ran is reported by
 :meth:`MaskedMultiModalSGD.last_step_stats`.
+
+The kernel contract (one call per tensor)::
+
+    masked_sgd_(param, grad, momentum_buffer, scores, scalars, key, rate, smoothing, max_iter, mode,
+                channel, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
+        -> (kept units: int64 0-d tensor, [alpha, beta])
+
+updates ``param`` and ``momentum_buffer`` in place (contiguous, same dtype; the buffer is an empty
+tensor when ``momentum == 0`` and is written as ``b = d`` when ``first_step``). ``mode`` is 0 dense,
+1 uniform, 2 uniform unbiased, 3 amss, 4 amss+. ``scores`` (per-unit importance) and ``scalars``
+(``[alpha, beta]`` with ``q = min(1, alpha s + beta)``) are computed by the kernel when ``None``;
+tests pass the reference's to compare masks bit for bit.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+from typing import Callable, Optional
+
+import torch
+
 from . import _cpp_lib
 
-__all__ = ["BACKENDS", "resolve_backend", "extension_available", "extension_unavailable_reason"]
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "MODE_CODES",
+    "backend_status",
+    "resolve_backend",
+    "kernel_for",
+    "extension_available",
+    "extension_unavailable_reason",
+]
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
+FUSED = ("cpp", "cuda", "triton")
+# (mask, unbiased) -> kernel mode
+MODE_CODES = {("uniform", False): 1, ("uniform", True): 2, ("amss", False): 3, ("amss+", True): 4}
 
 extension_available = _cpp_lib.available
 extension_unavailable_reason = _cpp_lib.unavailable_reason
 
 
-def resolve_backend(requested: str) -> str:
-    """The implementation that runs for a requested backend name."""
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why."""
+
+
+def _has_kernel(dispatch_key: str) -> bool:
+    return _cpp_lib.available() and torch._C._dispatch_has_kernel_for_dispatch_key("masked_optim::masked_sgd_", dispatch_key)
+
+
+def _triton_status() -> Optional[str]:
+    try:
+        from . import triton_kernels  # noqa: PLC0415  (imports triton lazily)
+    except ImportError as exc:  # pragma: no cover - the module guards its own triton import
+        return f"masked_optim.backends.triton_kernels does not import: {exc}"
+    ok, reason = triton_kernels.triton_available()
+    return None if ok else reason
+
+
+def backend_status(name: str, device: torch.device) -> Optional[str]:
+    """None when backend ``name`` can run on ``device``, else the reason it cannot."""
+    if name == "reference":
+        return None
+    if name == "cpp":
+        if device.type != "cpu":
+            return f"the cpp backend runs on CPU tensors, got {device.type} tensors"
+        if not _cpp_lib.available():
+            return _cpp_lib.unavailable_reason()
+        if not _has_kernel("CPU"):
+            return "masked_optim._C was built without the CPU masked_sgd_ kernel; rebuild the package"
+        return None
+    if name == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, got {device.type} tensors"
+        if not _cpp_lib.available():
+            return _cpp_lib.unavailable_reason()
+        if not _has_kernel("CUDA"):
+            return "masked_optim._C was built without CUDA (needs a CUDA build of torch and nvcc at install time)"
+        return None
+    if name == "triton":
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        if device.type != "cuda" and not (interpreted and device.type == "cpu"):
+            return f"the triton backend runs on CUDA tensors (CPU only under TRITON_INTERPRET=1), got {device.type} tensors"
+        return _triton_status()
+    raise ValueError(f"Invalid backend: {name!r}; allowed: one of {BACKENDS}")
+
+
+_WARNED: set = set()
+
+
+def resolve_backend(requested: str, device: torch.device, sampler: str = "poisson") -> str:
+    """The backend that runs for ``requested`` on ``device`` (raises if an explicit one cannot)."""
     if requested not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+        raise ValueError(f"Invalid backend: {requested!r}; allowed: one of {', '.join(map(repr, BACKENDS))}")
+    if sampler != "poisson":
+        if requested in FUSED:
+            raise BackendUnavailable(
+                f"backend={requested!r} cannot run sampler={sampler!r}: the multinomial sampler is "
+                "implemented by the reference backend only; use backend='reference' or 'auto'"
+            )
+        return "reference"
+    if requested != "auto":
+        reason = backend_status(requested, device)
+        if reason is not None:
+            raise BackendUnavailable(f"backend={requested!r} is unavailable: {reason}")
+        return requested
+    candidates = ("cuda", "triton") if device.type == "cuda" else ("cpp",) if device.type == "cpu" else ()
+    reasons = []
+    for name in candidates:
+        reason = backend_status(name, device)
+        if reason is None:
+            return name
+        reasons.append(f"{name}: {reason}")
+    if candidates and device.type not in _WARNED:
+        _WARNED.add(device.type)
+        warnings.warn(
+            f"masked_optim: no fused backend for {device.type} tensors ({'; '.join(reasons)}); "
+            "using the pure-PyTorch reference, which is correct but much slower",
+            stacklevel=3,
+        )
     return "reference"
+
+
+def kernel_for(name: str) -> Callable:
+    """The per-tensor kernel of a fused backend (the contract above)."""
+    if name in ("cpp", "cuda"):
+        return torch.ops.masked_optim.masked_sgd_
+    if name == "triton":
+        from .triton_kernels import masked_sgd_triton_
+
+        return masked_sgd_triton_
+    raise ValueError(f"Invalid fused backend: {name!r}; allowed: one of {FUSED}")

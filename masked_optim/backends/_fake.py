@@ -10,3 +10,12 @@ def _philox_uniform_fake(out: torch.Tensor, key: int) -> torch.Tensor:
     torch._check(out.dtype == torch.float32, lambda: f"philox_uniform_: out must be float32, got {out.dtype}")
     torch._check(out.is_contiguous(), lambda: "philox_uniform_: out must be contiguous")
     return out
+
+
+@torch.library.register_fake("masked_optim::masked_sgd_")
+def _masked_sgd_fake(param, grad, momentum_buffer, scores, scalars, key, rate, smoothing, max_iter, mode, channel,
+                     lr, momentum, dampening, weight_decay, nesterov, maximize, first_step):
+    torch._check(grad.shape == param.shape, lambda: f"masked_sgd_: grad shape {grad.shape} != param shape {param.shape}")
+    torch._check(0 <= mode <= 4, lambda: f"masked_sgd_: mode must be in 0..4, got {mode}")
+    acc = torch.float64 if param.dtype == torch.float64 else torch.float32
+    return param.new_empty((), dtype=torch.int64), param.new_empty((2,), dtype=acc)

@@ -1,0 +1,169 @@
+"""Every fused backend that can run here against the pure-PyTorch reference (SPEC §2, §4).
+
+Kernel-level parity: each step the kernel is fed the reference's per-tensor scalars
+``[alpha, beta]`` (and, per channel, the reference's unit scores), so masks must be bit-identical;
+parameters and momentum buffers must agree within the dtype tolerance table over 10 steps.
+The scalars the kernel computes itself are compared with the reference's within the same table.
+"""
+
+import os
+
+import pytest
+import torch
+
+from masked_optim import MaskedMultiModalSGD
+from masked_optim.backends import BackendUnavailable, backend_status, kernel_for, resolve_backend
+from masked_optim.functional import _single_tensor_masked_sgd, inclusion_scalars, unit_scores
+from masked_optim.rng import derive_key
+from tolerances import TOLERANCES, assert_close_normwise
+
+CPU = torch.device("cpu")
+FUSED = ["cpp", "triton"]
+MODES = {1: ("uniform", False), 2: ("uniform", True), 3: ("amss", None), 4: ("amss+", None)}
+SHAPES = [(0,), (1,), (4097,), (278011,), (5, 123, 123), (64, 3, 3, 3)]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+STEPS = 10
+
+
+def _require(backend):
+    reason = backend_status(backend, CPU)
+    if reason is not None:
+        if backend == "cpp" and os.environ.get("MASKED_OPTIM_REQUIRE_EXTENSION") == "1":
+            pytest.fail(f"the C++ extension is required here but unavailable: {reason}")
+        pytest.skip(f"{backend} unavailable: {reason}")
+
+
+def _reference_scalars(grad, rate, mode, granularity, maximize):
+    g = -grad if maximize else grad
+    scores = unit_scores(g, granularity)
+    if mode in (1, 2):
+        return scores, torch.tensor([0.0, rate], dtype=scores.dtype)
+    alpha, beta = inclusion_scalars(scores, rate, 0.5)
+    return scores, torch.stack([alpha, beta])
+
+
+def _grad(shape, dtype, step):
+    gen = torch.Generator().manual_seed(100 + step)
+    g = torch.randn(shape, generator=gen, dtype=torch.float64) * torch.exp(torch.randn(shape, generator=gen, dtype=torch.float64))
+    return g.to(dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("granularity", ["element", "channel"])
+@pytest.mark.parametrize("mode", [1, 2, 3, 4], ids=["uniform", "uniform-unbiased", "amss", "amss+"])
+@pytest.mark.parametrize("backend", FUSED)
+def test_kernel_matches_reference(backend, mode, granularity, dtype, shape):
+    _require(backend)
+    if backend == "triton" and (len(shape) > 1 and shape[0] > 5 or shape == (278011,)) and dtype != torch.float32:
+        pytest.skip("the Triton interpreter is slow: large shapes run in fp32 only (tests/test_triton_kernels.py covers the rest)")
+    kernel = kernel_for(backend)
+    mask, unbiased = MODES[mode]
+    channel = granularity == "channel"
+    gen = torch.Generator().manual_seed(1)
+    p_ref = torch.randn(shape, generator=gen).to(dtype)
+    p_ker = p_ref.clone()
+    bufs = [None]
+    b_ker = torch.empty_like(p_ker)
+    momentum, dampening, nesterov, wd = (0.9, 0.0, True, 1e-2) if mode % 2 else (0.9, 0.1, False, 0.0)
+    maximize = mode == 4
+    for step in range(STEPS):
+        rate = [0.3, 0.7, 0.05][step % 3]
+        key = derive_key(7, step, 3)
+        g = _grad(shape, dtype, step)
+        scores, scalars = _reference_scalars(g, rate, mode, granularity, maximize)
+        (ref_kept,) = _single_tensor_masked_sgd(
+            [p_ref], [g], bufs, [key], lr=0.05, momentum=momentum, dampening=dampening, weight_decay=wd,
+            nesterov=nesterov, maximize=maximize, mask=mask, rate=rate, granularity=granularity, smoothing=0.5,
+            sampler="poisson", unbiased=unbiased, max_iter=4,
+        )
+        kept, out_scalars = kernel(
+            p_ker, g, b_ker, scores if channel else None, scalars, key, rate, 0.5, 4, mode, channel,
+            0.05, momentum, dampening, wd, nesterov, maximize, step == 0,
+        )
+        assert int(kept) == int(ref_kept), f"step {step}: kept {int(kept)} != reference {int(ref_kept)}"
+        assert_close_normwise(p_ker, p_ref)
+        assert_close_normwise(b_ker, bufs[0])
+        # The scalars the kernel computes by itself, from its own reduction.
+        if p_ref.numel():
+            _, own = kernel(
+                p_ker.clone(), g, b_ker.clone(), None, None, key, rate, 0.5, 4, mode, channel,
+                0.05, momentum, dampening, wd, nesterov, maximize, False,
+            )
+            torch.testing.assert_close(own.to(scalars.dtype), scalars, **TOLERANCES[scalars.dtype])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_dense_mode_is_sgd(backend):
+    _require(backend)
+    kernel = kernel_for(backend)
+    p = torch.randn(1000, dtype=torch.float64)
+    g = torch.randn(1000, dtype=torch.float64)
+    b = torch.empty_like(p)
+    ref = p.clone().requires_grad_()
+    opt = torch.optim.SGD([ref], lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    for step in range(3):
+        kept, _ = kernel(p, g, b, None, None, 1, 1.0, 0.5, 4, 0, False, 0.1, 0.9, 0.0, 1e-3, True, False, step == 0)
+        ref.grad = g
+        opt.step()
+        assert int(kept) == 1000
+    torch.testing.assert_close(p, ref.detach(), **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("mask", ["amss", "amss+", "uniform"])
+def test_optimizer_on_fused_backend_matches_reference_backend(backend, mask):
+    """Through the optimizer, non-contiguous and zero-size parameters included, 10 steps."""
+    _require(backend)
+
+    def build(name):
+        gen = torch.Generator().manual_seed(0)
+        ps = [
+            torch.randn(7, 5, generator=gen).t().requires_grad_(),  # non-contiguous leaf
+            torch.randn(0, 4, generator=gen).requires_grad_(),
+            torch.randn(33, generator=gen).requires_grad_(),
+            torch.randn(6, 2, 3, generator=gen).requires_grad_(),
+        ]
+        opt = MaskedMultiModalSGD([{"params": ps, "modality": "m"}], lr=0.1, momentum=0.9, weight_decay=1e-3,
+                                  mask=mask, granularity="channel" if mask == "amss" else "element", backend=name)
+        return ps, opt
+
+    ps_ref, opt_ref = build("reference")
+    ps_ker, opt_ker = build(backend)
+    assert not ps_ker[0].is_contiguous()
+    for step in range(STEPS):
+        for a, b in zip(ps_ref, ps_ker):
+            a.grad = _grad(a.shape, torch.float32, step)
+            b.grad = a.grad.clone()
+        opt_ref.step(rates={"m": 0.4})
+        opt_ker.step(rates={"m": 0.4})
+        assert opt_ker.last_step_stats()["m"].backend == backend
+        assert opt_ker.last_step_stats()["m"].kept_units == opt_ref.last_step_stats()["m"].kept_units
+    for a, b in zip(ps_ref, ps_ker):
+        torch.testing.assert_close(b, a, **TOLERANCES[torch.float32])
+        torch.testing.assert_close(opt_ker.state[b]["momentum_buffer"], opt_ref.state[a]["momentum_buffer"], **TOLERANCES[torch.float32])
+
+
+def test_auto_prefers_cpp_on_cpu_when_built():
+    expected = "cpp" if backend_status("cpp", CPU) is None else "reference"
+    assert resolve_backend("auto", CPU) == expected
+
+
+def test_explicit_unavailable_backends_raise_with_reason():
+    with pytest.raises(BackendUnavailable, match=r"backend='cuda' is unavailable: the cuda backend runs on CUDA tensors, got cpu tensors"):
+        MaskedMultiModalSGD([torch.zeros(2, requires_grad=True)], backend="cuda")
+    with pytest.raises(BackendUnavailable, match=r"cannot run sampler='multinomial'"):
+        MaskedMultiModalSGD([torch.zeros(2, requires_grad=True)], backend="cpp", sampler="multinomial")
+    assert resolve_backend("auto", CPU, sampler="multinomial") == "reference"
+
+
+def test_kernel_rejects_bad_input():
+    _require("cpp")
+    k = kernel_for("cpp")
+    p = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="grad must match param"):
+        k(p, torch.zeros(5), p.new_empty(0), None, None, 1, 0.5, 0.5, 4, 3, False, 0.1, 0.0, 0.0, 0.0, False, False, False)
+    with pytest.raises(RuntimeError, match=r"mode must be in 0\.\.4"):
+        k(p, torch.zeros(4), p.new_empty(0), None, None, 1, 0.5, 0.5, 4, 7, False, 0.1, 0.0, 0.0, 0.0, False, False, False)
+    with pytest.raises(RuntimeError, match="momentum_buffer must be a contiguous tensor like param"):
+        k(p, torch.zeros(4), p.new_empty(0), None, None, 1, 0.5, 0.5, 4, 3, False, 0.1, 0.9, 0.0, 0.0, False, False, False)
