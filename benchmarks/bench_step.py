@@ -26,7 +26,8 @@ import time
 import torch
 
 from masked_optim import MaskedMultiModalSGD, __version__
-from masked_optim.backends import _cpp_lib
+from masked_optim.backends import _cpp_lib, backend_status
+from masked_optim.rng import derive_key
 
 
 def tensor_mix(total: int) -> list[tuple[int, ...]]:
@@ -62,18 +63,52 @@ def time_step(opt, repeats: int, warmup: int) -> list[float]:
     return times
 
 
-def providers(mode: str, granularity: str, rate: float):
+class CompiledReference:
+    """torch.compile of the reference step of one tensor (keys passed as tensors, so no recompiles)."""
+
+    def __init__(self, params, mode, granularity, rate):
+        from masked_optim.functional import masked_gradient
+
+        self.params, self.rate, self.step_count = params, rate, 0
+        self.bufs = [torch.zeros_like(p) for p in params]
+
+        def one(p, g, b, key):
+            gm, _ = masked_gradient(g, rate=rate, key=int(key), mask=mode, granularity=granularity)
+            b.mul_(0.9).add_(gm)
+            p.add_(b, alpha=-1e-3)
+
+        self.fn = torch.compile(one, dynamic=True, fullgraph=False)
+
+    def step(self):
+        self.step_count += 1
+        with torch.no_grad():
+            for i, (p, b) in enumerate(zip(self.params, self.bufs)):
+                self.fn(p, p.grad, b, derive_key(0, self.step_count, i))
+
+
+def providers(mode: str, granularity: str, rate: float, device: torch.device, with_compile: bool):
     yield "torch.optim.SGD(foreach)", lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=True)
     yield "torch.optim.SGD(for-loop)", lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=False)
 
-    def masked(ps):
-        opt = MaskedMultiModalSGD(
-            [{"params": ps, "modality": "m"}], lr=1e-3, momentum=0.9, mask=mode, granularity=granularity, backend="reference"
-        )
-        opt.set_rates({"m": rate})
-        return opt
+    def masked(backend):
+        def build(ps):
+            opt = MaskedMultiModalSGD(
+                [{"params": ps, "modality": "m"}], lr=1e-3, momentum=0.9, mask=mode, granularity=granularity, backend=backend
+            )
+            opt.set_rates({"m": rate})
+            return opt
 
-    yield f"masked reference ({mode}, {granularity})", masked
+        return build
+
+    yield f"masked reference ({mode}, {granularity})", masked("reference")
+    if with_compile:
+        yield f"torch.compile(reference) ({mode}, {granularity})", lambda ps: CompiledReference(ps, mode, granularity, rate)
+    for backend in ("cpp", "cuda", "triton"):
+        reason = backend_status(backend, device)
+        if reason is None and not (backend == "triton" and device.type != "cuda"):
+            yield f"masked {backend} ({mode}, {granularity})", masked(backend)
+        elif (mode, granularity) == ("uniform", "element"):
+            print(f"# {backend}: skipped ({reason or 'Triton on CPU runs only in its interpreter: not timed'})")
 
 
 def machine() -> dict:
@@ -105,6 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_step-<date>.json)")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the reference step (slow to compile)")
+    ap.add_argument("--skip-reference", action="store_true", help="do not time the (slow) pure-PyTorch reference")
     args = ap.parse_args(argv)
 
     info = machine()
@@ -120,12 +157,16 @@ def main(argv=None) -> int:
         baseline = None
         for mode in args.modes.split(","):
             for gran in args.granularities.split(","):
-                for name, build in providers(mode, gran, args.rate):
-                    if name in seen:
+                for name, build in providers(mode, gran, args.rate, torch.device("cpu"), args.compile):
+                    if name in seen or (args.skip_reference and name.startswith("masked reference")):
                         continue
                     seen.add(name)
                     params = make_params(shapes)
-                    times = time_step(build(params), args.repeats, args.warmup)
+                    try:
+                        times = time_step(build(params), args.repeats, args.warmup)
+                    except Exception as exc:  # a provider that cannot run here is reported, not fatal
+                        print(f"# {name}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                        continue
                     med = statistics.median(times)
                     q = statistics.quantiles(times, n=5) if len(times) > 1 else [med] * 4
                     if name == "torch.optim.SGD(foreach)":

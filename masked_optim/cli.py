@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import warnings
 
 __all__ = ["main", "environment"]
 
@@ -38,7 +39,17 @@ def environment() -> dict[str, str]:
         info["triton"] = triton.__version__
     except ImportError as exc:
         info["triton"] = f"not installed ({exc})"
-    info["backends usable"] = "reference (pure PyTorch; every device)"
+    from .backends import backend_status, resolve_backend
+
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for name in ("reference", "cpp", "cuda", "triton"):
+        for device in devices:
+            reason = backend_status(name, device)
+            info[f"backend {name} on {device.type}"] = "usable" if reason is None else f"no: {reason}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for device in devices:
+            info[f"backend='auto' on {device.type}"] = resolve_backend("auto", device)
     return info
 
 

@@ -84,6 +84,18 @@ def _check_rate(name: str, value: Any) -> float:
     return _check_number(name, value, low=0.0, high=1.0, low_open=True, allowed="a number in (0, 1]")
 
 
+def _mode_code(group: Mapping[str, Any]) -> int:
+    unbiased = group["unbiased"] if group["unbiased"] is not None else group["mask"] == "amss+"
+    return MODE_CODES[(group["mask"], unbiased)]
+
+
+def _by_device(tensors: list[Tensor]) -> list[list[Tensor]]:
+    groups: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    return list(groups.values())
+
+
 class MaskedMultiModalSGD(Optimizer):
     r"""SGD that, for every modality, updates only an importance-sampled subnetwork (AMSS / AMSS+).
 
@@ -375,25 +387,43 @@ class MaskedMultiModalSGD(Optimizer):
             all_grads.extend(grads)
             plan.append((group, params, grads, bufs, keys))
 
-        if self.nonfinite != "ignore" and all_grads:
-            finite = torch.stack([torch.isfinite(g).all() for g in all_grads]).all()
-            if not bool(finite):
-                return self._nonfinite_step(loss)
-
-        records = []
+        # Phase 1: decide each tensor's backend; run the fused stage 1 (per-tensor scalars) of the
+        # cpp tensors, whose sum of g^2 doubles as their non-finite check, and probe the others.
+        check = self.nonfinite != "ignore"
+        probes: list[Tensor] = []
+        routed = []
         for group, params, grads, bufs, keys in plan:
             modality = group["modality"]
             dense = modality is None or not group["masked"] or group["mask"] == "none"
             rate = 1.0 if modality is None else overrides.get(modality, group["rate"])
             sparse_rate = not dense and rate < 1.0
+            names = [self._resolve(group["backend"], p.device, group["sampler"]) if sparse_rate else "reference" for p in params]
+            prepared: list = [None] * len(params)
+            for i, g in enumerate(grads):
+                if check and names[i] == "cpp":
+                    scalars, scores, sumsq = torch.ops.masked_optim.tensor_scalars(
+                        g, float(rate), float(group["smoothing"]), WATERFILL_MAX_ITER, _mode_code(group),
+                        group["granularity"] == "channel",
+                    )
+                    prepared[i] = (scalars, scores if scores.numel() else None)
+                    probes.append(sumsq)
+                elif check and g.numel():
+                    low, high = torch.aminmax(g)
+                    probes.append(low.double() + high.double())  # NaN or +-Inf iff g has one (or overflows)
+            routed.append((group, params, grads, bufs, keys, dense, rate, sparse_rate, names, prepared))
+        if probes and not all(bool(torch.isfinite(torch.stack(ps)).all()) for ps in _by_device(probes)):
+            if any(not bool(torch.isfinite(g).all()) for g in all_grads):  # not just a sum that overflowed
+                return self._nonfinite_step(loss)
+
+        # Phase 2: the updates.
+        records = []
+        for group, params, grads, bufs, keys, dense, rate, sparse_rate, names, prepared in routed:
+            modality = group["modality"]
             kept: list = [None] * len(params)
-            backends = set()
             by_backend: dict[str, list[int]] = {}
-            for i, p in enumerate(params):
-                name = self._resolve(group["backend"], p.device, group["sampler"]) if sparse_rate else "reference"
+            for i, name in enumerate(names):
                 by_backend.setdefault(name, []).append(i)
             for name, idx in by_backend.items():
-                backends.add(name)
                 sub = [params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx], [keys[i] for i in idx]
                 if name == "reference":
                     counts = masked_sgd(
@@ -413,7 +443,7 @@ class MaskedMultiModalSGD(Optimizer):
                         max_iter=WATERFILL_MAX_ITER,
                     )
                 else:
-                    counts = self._fused_step(kernel_for(name), group, rate, *sub)
+                    counts = self._fused_step(kernel_for(name), group, rate, *sub, [prepared[i] for i in idx])
                 for j, i in enumerate(idx):
                     kept[i] = counts[j]
                     bufs[i] = sub[2][j]
@@ -423,7 +453,7 @@ class MaskedMultiModalSGD(Optimizer):
                     state["momentum_buffer"] = buf
                 state["step"] = state.get("step", 0) + 1
             units = [_num_units(p.shape, group["granularity"]) for p in params]
-            records.append((modality, rate, dense, ",".join(sorted(backends)) or "reference", kept, units))
+            records.append((modality, rate, dense, ",".join(sorted(by_backend)) or "reference", kept, units))
         self._last_stats = (records, False, ())
         return loss
 
@@ -435,9 +465,12 @@ class MaskedMultiModalSGD(Optimizer):
         return cache[key]
 
     @staticmethod
-    def _fused_step(kernel, group, rate, params, grads, bufs, keys) -> list[Tensor]:
-        """One kernel call per tensor; non-contiguous tensors go through contiguous copies."""
-        mode = MODE_CODES[(group["mask"], group["unbiased"] if group["unbiased"] is not None else group["mask"] == "amss+")]
+    def _fused_step(kernel, group, rate, params, grads, bufs, keys, prepared) -> list[Tensor]:
+        """One kernel call per tensor; non-contiguous tensors go through contiguous copies.
+
+        ``prepared[i]`` is ``(scalars, scores)`` from a stage 1 already run, or None.
+        """
+        mode = _mode_code(group)
         momentum = group["momentum"]
         counts = []
         for i, (p, g) in enumerate(zip(params, grads)):
@@ -451,8 +484,9 @@ class MaskedMultiModalSGD(Optimizer):
                 bufs[i] = buf
             else:
                 buf = pc.new_empty(0)
+            scalars, scores = prepared[i] if prepared[i] is not None else (None, None)
             kept, _ = kernel(
-                pc, g.contiguous(), buf, None, None, keys[i], float(rate), float(group["smoothing"]),
+                pc, g.contiguous(), buf, scores, scalars, keys[i], float(rate), float(group["smoothing"]),
                 WATERFILL_MAX_ITER, mode, group["granularity"] == "channel", float(group["lr"]), float(momentum),
                 float(group["dampening"]), float(group["weight_decay"]), group["nesterov"], group["maximize"], first,
             )

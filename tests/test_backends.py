@@ -55,8 +55,9 @@ def _grad(shape, dtype, step):
 @pytest.mark.parametrize("backend", FUSED)
 def test_kernel_matches_reference(backend, mode, granularity, dtype, shape):
     _require(backend)
-    if backend == "triton" and (len(shape) > 1 and shape[0] > 5 or shape == (278011,)) and dtype != torch.float32:
-        pytest.skip("the Triton interpreter is slow: large shapes run in fp32 only (tests/test_triton_kernels.py covers the rest)")
+    if backend == "triton" and (torch.Size(shape).numel() > 4097 or dtype in (torch.float16, torch.float64)):
+        pytest.skip("the Triton interpreter costs ~4 ms per program: large shapes and every dtype run in "
+                    "tests/test_triton_kernels.py with large blocks")
     kernel = kernel_for(backend)
     mask, unbiased = MODES[mode]
     channel = granularity == "channel"

@@ -4,37 +4,17 @@
 // be bit-identical to the pure-PyTorch reference (masked_optim/rng.py) and to Triton's tl.rand4x.
 #include <Python.h>
 
-#include <ATen/Parallel.h>
 #include <torch/headeronly/version.h>
 #include <torch/library.h>
 
 #include <string>
 
-#include "../philox.h"
 
 namespace masked_optim {
 namespace {
 
 #define MASKED_OPTIM_STR2(x) #x
 #define MASKED_OPTIM_STR(x) MASKED_OPTIM_STR2(x)
-
-at::Tensor& philox_uniform_cpu(at::Tensor& out, int64_t key) {
-  TORCH_CHECK(out.scalar_type() == at::kFloat, "philox_uniform_: out must be float32, got ", out.scalar_type());
-  TORCH_CHECK(out.is_contiguous(), "philox_uniform_: out must be contiguous");
-  TORCH_CHECK(key >= 0, "philox_uniform_: key must be >= 0, got ", key);
-  const int64_t n = out.numel();
-  float* data = out.data_ptr<float>();
-  const uint64_t k = static_cast<uint64_t>(key);
-  const int64_t blocks = (n + 3) / 4;
-  at::parallel_for(0, blocks, 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const Philox4x32 r = philox_block(k, static_cast<uint64_t>(b));
-      const int64_t base = 4 * b;
-      for (int w = 0; w < 4 && base + w < n; ++w) data[base + w] = uint32_to_uniform(r.v[w]);
-    }
-  });
-  return out;
-}
 
 std::string build_info() {
   std::string info = "compiler=";
@@ -53,6 +33,20 @@ std::string build_info() {
   info += ";openmp=no";
 #endif
   info += ";kernels=philox_uniform,masked_sgd";
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+  // The clone of the vectorised loops that runtime dispatch picks on this CPU (target_clones).
+  __builtin_cpu_init();
+  info += __builtin_cpu_supports("x86-64-v4")   ? ";cpu_dispatch=x86-64-v4"
+          : __builtin_cpu_supports("x86-64-v3") ? ";cpu_dispatch=x86-64-v3"
+                                                : ";cpu_dispatch=default";
+#else
+  info += ";cpu_dispatch=none";
+#endif
+#if defined(MASKED_OPTIM_WITH_CUDA)
+  info += ";cuda=yes";
+#else
+  info += ";cuda=no";
+#endif
   return info;
 }
 
@@ -65,10 +59,11 @@ TORCH_LIBRARY(masked_optim, m) {
       "masked_sgd_(Tensor(a!) param, Tensor grad, Tensor(b!) momentum_buffer, Tensor? scores, Tensor? scalars, "
       "int key, float rate, float smoothing, int max_iter, int mode, bool channel, float lr, float momentum, "
       "float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step) -> (Tensor, Tensor)");
+  // Its stage 1 alone: ([alpha, beta], unit scores or empty, sum of g^2), for all-or-nothing steps.
+  m.def("tensor_scalars(Tensor grad, float rate, float smoothing, int max_iter, int mode, bool channel) -> (Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &build_info);
 }
 
-TORCH_LIBRARY_IMPL(masked_optim, CPU, m) { m.impl("philox_uniform_", &philox_uniform_cpu); }
 
 }  // namespace masked_optim
 

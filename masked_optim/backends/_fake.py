@@ -19,3 +19,10 @@ def _masked_sgd_fake(param, grad, momentum_buffer, scores, scalars, key, rate, s
     torch._check(0 <= mode <= 4, lambda: f"masked_sgd_: mode must be in 0..4, got {mode}")
     acc = torch.float64 if param.dtype == torch.float64 else torch.float32
     return param.new_empty((), dtype=torch.int64), param.new_empty((2,), dtype=acc)
+
+
+@torch.library.register_fake("masked_optim::tensor_scalars")
+def _tensor_scalars_fake(grad, rate, smoothing, max_iter, mode, channel):
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    units = (grad.shape[0] if grad.dim() else 1) if channel else 0
+    return grad.new_empty((2,), dtype=acc), grad.new_empty((units,), dtype=acc), grad.new_empty((), dtype=torch.float64)
