@@ -168,3 +168,32 @@ def test_kernel_rejects_bad_input():
         k(p, torch.zeros(4), p.new_empty(0), None, None, 1, 0.5, 0.5, 4, 7, False, 0.1, 0.0, 0.0, 0.0, False, False, False)
     with pytest.raises(RuntimeError, match="momentum_buffer must be a contiguous tensor like param"):
         k(p, torch.zeros(4), p.new_empty(0), None, None, 1, 0.5, 0.5, 4, 3, False, 0.1, 0.9, 0.0, 0.0, False, False, False)
+
+
+@pytest.mark.parametrize("granularity", ["element", "channel"])
+@pytest.mark.parametrize("mode", [1, 3, 4], ids=["uniform", "amss", "amss+"])
+def test_tensor_scalars_is_the_fused_stage_one(mode, granularity):
+    """The optimizer's phase 1: the same [alpha, beta] the fused step computes, and the sum of g^2."""
+    _require("cpp")
+    channel = granularity == "channel"
+    g = _grad((300, 41), torch.float32, 0)
+    scalars, scores, sumsq = torch.ops.masked_optim.tensor_scalars(g, 0.4, 0.5, 4, mode, channel)
+    _, own = kernel_for("cpp")(torch.zeros_like(g), g, g.new_empty(0), None, None, 1, 0.4, 0.5, 4, mode, channel,
+                               0.1, 0.0, 0.0, 0.0, False, False, False)
+    assert torch.equal(scalars, own)
+    torch.testing.assert_close(sumsq, g.double().square().sum(), rtol=1e-6, atol=0)
+    if channel:
+        torch.testing.assert_close(scores, unit_scores(g, "channel"), **TOLERANCES[torch.float32])
+    else:
+        assert scores.numel() == 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_large_finite_gradients_are_not_mistaken_for_non_finite(backend):
+    """The cheap check (a sum of g^2, or min + max) overflows; the precise check clears the alarm."""
+    _require(backend)
+    p = torch.zeros(1000, dtype=torch.float64, requires_grad=True)
+    opt = MaskedMultiModalSGD([{"params": [p], "modality": "m"}], lr=1e-300, backend=backend)
+    p.grad = torch.full((1000,), 1.7e308, dtype=torch.float64)  # min + max and sum of g^2 overflow
+    opt.step(rates={"m": 0.5})
+    assert not opt.last_step_stats().skipped and torch.isfinite(p).all()

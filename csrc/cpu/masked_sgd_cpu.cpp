@@ -41,6 +41,9 @@ namespace masked_optim {
 namespace {
 
 constexpr int64_t kChunk = 4096;  // elements (or units) per chunk; a multiple of 4
+// Reductions keep kLanes independent partial results so that they vectorise without -ffast-math
+// (a scalar float accumulator is a loop-carried dependence the compiler may not reassociate).
+constexpr int kLanes = 16;
 
 enum Mode : int64_t { kDense = 0, kUniform = 1, kUniformUnbiased = 2, kAmss = 3, kAmssPlus = 4 };
 
@@ -194,24 +197,52 @@ MASKED_OPTIM_CLONES int64_t update_elements(const Hyper<acc_t> h, const scalar_t
   return kept;
 }
 
-// Channel granularity: units [ubegin, uend), each `inner` contiguous elements.
+// Channel granularity: units [ubegin, uend), each `inner` contiguous elements. The unit's weight
+// (0 when dropped, else 1 or 1/q) is formed first; the element loop is then a plain scaled update.
 template <bool kMomentum, typename scalar_t, typename acc_t>
-int64_t update_channels(const Hyper<acc_t>& h, const scalar_t* __restrict g, scalar_t* __restrict p,
-                        scalar_t* __restrict b, const acc_t* __restrict scores, int64_t inner, int64_t ubegin,
-                        int64_t uend, const float* __restrict u) {
+MASKED_OPTIM_CLONES int64_t update_channels(const Hyper<acc_t> h, const scalar_t* __restrict g, scalar_t* __restrict p,
+                                            scalar_t* __restrict b, const acc_t* __restrict scores, int64_t inner,
+                                            int64_t ubegin, int64_t uend, const float* __restrict u) {
   int64_t kept = 0;
   for (int64_t j = ubegin; j < uend; ++j) {
     const acc_t q = clamp_to_one(h.alpha * scores[j] + h.beta);
     const bool keep = static_cast<acc_t>(u[j - ubegin]) < q;
-    const acc_t w = h.unbiased ? acc_t(1) / q : acc_t(1);
     kept += keep;
-    for (int64_t i = j * inner; i < (j + 1) * inner; ++i) {
-      const acc_t gv = static_cast<acc_t>(g[i]) * h.sign;
-      const acc_t gm = keep ? gv * w : acc_t(0);
-      sgd_update<kMomentum, scalar_t, acc_t>(h, gm, p, b, i);
+    const acc_t w = h.unbiased ? acc_t(1) / q : acc_t(1);
+    const scalar_t* __restrict gj = g + j * inner;
+    scalar_t* __restrict pj = p + j * inner;
+    scalar_t* __restrict bj = kMomentum ? b + j * inner : nullptr;
+    if (keep) {
+      for (int64_t i = 0; i < inner; ++i) sgd_update<kMomentum, scalar_t, acc_t>(h, static_cast<acc_t>(gj[i]) * h.sign * w, pj, bj, i);
+    } else {
+      for (int64_t i = 0; i < inner; ++i) sgd_update<kMomentum, scalar_t, acc_t>(h, acc_t(0), pj, bj, i);
     }
   }
   return kept;
+}
+
+// Per-unit scores of channel granularity: the sum of g^2 over each slice.
+template <typename scalar_t, typename acc_t>
+MASKED_OPTIM_CLONES void channel_scores(const scalar_t* __restrict g, int64_t inner, int64_t u0, int64_t u1,
+                                        acc_t* __restrict out) {
+  for (int64_t j = u0; j < u1; ++j) {
+    acc_t s[kLanes] = {};
+    const scalar_t* __restrict gj = g + j * inner;
+    int64_t i = 0;
+    for (; i + kLanes <= inner; i += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const acc_t v = static_cast<acc_t>(gj[i + l]);
+        s[l] += v * v;
+      }
+    }
+    for (; i < inner; ++i) {
+      const acc_t v = static_cast<acc_t>(gj[i]);
+      s[0] += v * v;
+    }
+    acc_t total = 0;
+    for (int l = 0; l < kLanes; ++l) total += s[l];
+    out[j] = total;
+  }
 }
 
 // Per-thread partial results, combined after at::parallel_for.
@@ -221,9 +252,6 @@ struct Partials {
   std::vector<int64_t> count;
 };
 
-// Reductions keep kLanes independent partial results so that they vectorise without -ffast-math
-// (a scalar float accumulator is a loop-carried dependence the compiler may not reassociate).
-constexpr int kLanes = 16;
 
 // Sum and max of g^2 over elements [begin, end).
 template <typename scalar_t, typename acc_t>
@@ -400,10 +428,17 @@ struct Stage1 {
   double sumsq;
 };
 
+// One unit per slice of one element (1-D tensors, or trailing dims of size 1) is element
+// granularity: same units, same scores, same uniforms. Route it to the vectorised element path.
+inline bool per_slice(const at::Tensor& t, bool channel) {
+  return channel && t.dim() > 0 && t.size(0) > 0 && t.numel() / t.size(0) != 1;
+}
+
 template <typename scalar_t, typename acc_t>
 Stage1<acc_t> stage1(const at::Tensor& grad, const c10::optional<at::Tensor>& scores_in,
                      const c10::optional<at::Tensor>& scalars_in, double rate, double smoothing, int64_t max_iter,
-                     int64_t mode, bool channel) {
+                     int64_t mode, bool channel_requested) {
+  const bool channel = per_slice(grad, channel_requested);
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t numel = grad.numel();
   const int64_t n_units = channel ? (grad.dim() > 0 ? grad.size(0) : 1) : numel;
@@ -423,14 +458,7 @@ Stage1<acc_t> stage1(const at::Tensor& grad, const c10::optional<at::Tensor>& sc
       scores_buf = at::empty({n_units}, grad.options().dtype(acc_type));
       acc_t* out = scores_buf.mutable_data_ptr<acc_t>();
       at::parallel_for(0, n_units, std::max<int64_t>(1, kChunk / std::max<int64_t>(inner, 1)), [&](int64_t u0, int64_t u1) {
-        for (int64_t j = u0; j < u1; ++j) {
-          acc_t s = 0;
-          for (int64_t i = j * inner; i < (j + 1) * inner; ++i) {
-            const acc_t v = static_cast<acc_t>(g[i]);
-            s += v * v;
-          }
-          out[j] = s;
-        }
+        channel_scores<scalar_t, acc_t>(g, inner, u0, u1, out);
       });
     }
     scores = scores_buf.const_data_ptr<acc_t>();
@@ -622,6 +650,7 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_impl(at::Tensor& param, const at::
                                                    double rate, double smoothing, int64_t max_iter, int64_t mode,
                                                    bool channel, double lr, double momentum, double dampening,
                                                    double weight_decay, bool nesterov, bool maximize, bool first_step) {
+  channel = per_slice(param, channel);
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t numel = param.numel();
   const int64_t n_units = channel ? (param.dim() > 0 ? param.size(0) : 1) : numel;
@@ -761,7 +790,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tensor_scalars_cpu(const at::Tens
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
     const int64_t numel = grad.numel();
-    const int64_t n_units = channel ? (grad.dim() > 0 ? grad.size(0) : 1) : numel;
+    const int64_t n_units = per_slice(grad, channel) ? grad.size(0) : numel;
     Stage1<acc_t> st{0, 1, at::Tensor(), 0.0};
     if (rate < 1.0 && n_units > 0) {
       st = stage1<scalar_t, acc_t>(grad, c10::nullopt, c10::nullopt, rate, smoothing, max_iter, mode, channel);
