@@ -65,9 +65,12 @@ def test_package_works_without_the_extension():
         "p = torch.ones(100, requires_grad=True); p.grad = torch.ones(100)\n"
         "opt = masked_optim.MaskedMultiModalSGD([{'params': [p], 'modality': 'a'}], lr=0.1)\n"
         "opt.step(rates={'a': 0.5}); s = opt.last_step_stats()['a']\n"
+        "opt2 = masked_optim.MaskedMultiModalSGD([{'params': [p], 'modality': 'a'}], lr=0.1)\n"
+        "opt2.step(rates={'a': 0.5})\n"
         "print(s.backend, s.total_units)\n"
     )
     env = dict(os.environ, MASKED_OPTIM_DISABLE_EXTENSION="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["reference", "100"]
+    assert out.stderr.count("no fused backend for cpu tensors") == 1  # the fallback warns once
