@@ -1,4 +1,4 @@
-"""The ``masked-optim`` command line: ``demo`` and ``env``."""
+"""The ``masked-optim`` command line: ``demo``, ``env`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -65,7 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--no-baseline", action="store_true", help="skip the plain-SGD run for comparison")
     demo.add_argument("--seed", type=int, default=0)
     sub.add_parser("env", help="print versions and which backends are built and usable")
-    args = parser.parse_args(argv)
+    sub.add_parser(
+        "bench", help="time the optimizer step against torch.optim.SGD (quick default; --help for options)", add_help=False
+    )
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        from .benchmark import main as bench_main
+
+        quick = ["--sizes", "1", "--modes", "amss+", "--granularities", "element", "--repeats", "5"]
+        return bench_main(quick + rest, prog="masked-optim bench")
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "demo":
         if args.epochs < 1:
             parser.error(f"--epochs must be >= 1, got {args.epochs}")

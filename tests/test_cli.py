@@ -74,3 +74,18 @@ def test_package_works_without_the_extension():
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["reference", "100"]
     assert out.stderr.count("no fused backend for cpu tensors") == 1  # the fallback warns once
+
+
+def test_bench_writes_json_with_machine_and_results(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--sizes", "0.02", "--repeats", "2", "--warmup", "0", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {"date", "machine", "args", "results"} <= set(data)
+    assert data["machine"]["torch"] == torch.__version__
+    providers = {r["provider"] for r in data["results"]}
+    assert "torch.optim.SGD(foreach)" in providers and "masked reference (amss+, element)" in providers
+    for r in data["results"]:
+        assert r["median_ms"] > 0 and r["ratio_to_sgd_foreach"] > 0
+    assert "x SGD" in capsys.readouterr().out
