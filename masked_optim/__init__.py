@@ -1,5 +1,6 @@
 """masked_optim: balanced multimodal learning by masked, importance-sampled SGD (AMSS / AMSS+)."""
 
+from .backends import BackendUnavailable
 from .functional import masked_gradient, masked_sgd
 from .fusion import ConcatFusion, FusionOutput, modality_param_groups, slice_logits
 from .optim import MaskedMultiModalSGD, ModalityStats, StepStats
@@ -19,5 +20,6 @@ __all__ = [
     "slice_logits",
     "masked_sgd",
     "masked_gradient",
+    "BackendUnavailable",
     "__version__",
 ]
