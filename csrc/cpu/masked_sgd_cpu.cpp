@@ -41,6 +41,10 @@ namespace masked_optim {
 namespace {
 
 constexpr int64_t kChunk = 4096;  // elements (or units) per chunk; a multiple of 4
+// The fused element pass draws and applies 256 elements at a time: small enough that the loads of
+// the update overlap the Philox arithmetic of the next piece (measured on the development machine,
+// 10M fp32: Philox + update 3.3-3.4 ms at 256 against 4.1-4.9 ms when drawing 4096 at once).
+constexpr int64_t kSubChunk = 256;
 // Reductions keep kLanes independent partial results so that they vectorise without -ffast-math
 // (a scalar float accumulator is a loop-carried dependence the compiler may not reassociate).
 constexpr int kLanes = 16;
@@ -698,9 +702,10 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_impl(at::Tensor& param, const at::
       alignas(64) float u[kChunk];
       if (!sampled) std::fill(u, u + kChunk, 0.0f);
       int64_t kept = 0;
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t begin = c * kChunk;
-        const int64_t end = std::min(numel, begin + kChunk);
+      const int64_t sub_end = std::min(c1 * (kChunk / kSubChunk), (numel + kSubChunk - 1) / kSubChunk);
+      for (int64_t c = c0 * (kChunk / kSubChunk); c < sub_end; ++c) {
+        const int64_t begin = c * kSubChunk;
+        const int64_t end = std::min(numel, begin + kSubChunk);
         if (sampled) fill_uniforms(ukey, begin / 4, (end - begin + 3) / 4, u);
         kept += h.has_momentum ? update_elements<true, scalar_t, acc_t>(h, g, p, b, begin, end, u)
                                : update_elements<false, scalar_t, acc_t>(h, g, p, b, begin, end, u);
