@@ -158,7 +158,7 @@ inline acc_t clamp_to_one(acc_t x) {
 template <typename acc_t>
 struct Hyper {
   acc_t alpha, beta, lr, momentum, one_minus_dampening, weight_decay, sign;
-  bool sampled, unbiased, has_momentum, first_step, nesterov;
+  bool unbiased, has_momentum, first_step, nesterov;
 };
 
 // The SGD update of one element from its masked gradient gm, in torch.optim.SGD's order. Written
@@ -685,7 +685,6 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_impl(at::Tensor& param, const at::
   h.one_minus_dampening = static_cast<acc_t>(1.0 - dampening);
   h.weight_decay = static_cast<acc_t>(weight_decay);
   h.sign = maximize ? acc_t(-1) : acc_t(1);
-  h.sampled = sampled;
   h.unbiased = sampled && (mode == kUniformUnbiased || mode == kAmssPlus);
   h.has_momentum = momentum != 0;
   h.first_step = first_step;
