@@ -28,7 +28,7 @@ from masked_optim.functional import (  # noqa: E402
 )
 from masked_optim.rng import derive_key, philox_uniform  # noqa: E402
 
-from tolerances import TOLERANCES, assert_close  # noqa: E402
+from tolerances import assert_close  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 MODES = [0, 1, 2, 3, 4]
