@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -23,16 +24,30 @@ _NOISE_DIMS = 16
 
 @dataclass(frozen=True)
 class MultimodalSplits:
-    """Per-modality features and labels for each split; features standardised on the train split."""
+    """Per-modality features and labels for each split; features standardised on the train split.
+
+    ``train`` / ``val`` / ``test`` are ``(features, labels)``: ``features`` maps a modality name to a
+    float32 tensor whose first dimension is the sample, ``labels`` is int64 in ``[0, num_classes)``.
+    ``name`` identifies the data set (a ``load_dataset`` spec such as ``"synthetic:xor"``).
+    ``groups`` maps ``"train"`` / ``"val"`` / ``"test"`` to the int64 group (subject) id of each sample
+    of that split, or is None when the data has no groups.
+    """
 
     train: tuple[dict[str, Tensor], Tensor]
     val: tuple[dict[str, Tensor], Tensor]
     test: tuple[dict[str, Tensor], Tensor]
     num_classes: int
+    name: str = ""
+    groups: Optional[dict[str, Tensor]] = None
 
     @property
     def dims(self) -> dict[str, int]:
         return {m: x.shape[1] for m, x in self.train[0].items()}
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-modality shape of one sample (the feature tensor's shape without the sample dim)."""
+        return {m: tuple(x.shape[1:]) for m, x in self.train[0].items()}
 
 
 def modality_competition(
@@ -88,4 +103,6 @@ def modality_competition(
         stats[m] = ((x - mean) / std).float()
     for lo, hi in cuts:
         out.append(({m: stats[m][lo:hi] for m in ("a", "b")}, y[lo:hi]))
-    return MultimodalSplits(train=out[0], val=out[1], test=out[2], num_classes=num_classes)
+    return MultimodalSplits(
+        train=out[0], val=out[1], test=out[2], num_classes=num_classes, name=f"synthetic:{setting}"
+    )
