@@ -34,6 +34,10 @@ class SignificanceStats:
     cross_entropy: dict[str, float] = field(default_factory=dict)
 
 
+def _ratio(num: float, den: float) -> float:
+    return num / den if den != 0 else math.copysign(math.inf, num)
+
+
 def _check(name: str, value, ok: bool, allowed: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"Invalid {name}: {value!r}; allowed: {allowed}")
@@ -163,7 +167,8 @@ class ModalSignificance:
         ent_d = dict(zip(names, ent_l.tolist())) if features is not None else {}
 
         numer = {m: mi_d[m] + self.offset for m in names}
-        r = {m: numer[m] / (ent_d[m] if features is not None else 1.0) for m in names}
+        # A zero feature entropy (one-hot softmax of diverged features) makes r infinite: fallback.
+        r = {m: _ratio(numer[m], ent_d[m]) if features is not None else numer[m] for m in names}
         values = [h_y, *ce_d.values(), *ent_d.values(), *r.values()]
         fallback = any(v <= 0 for v in numer.values()) or not all(math.isfinite(v) for v in values)
         if fallback:

@@ -159,3 +159,13 @@ def test_call_validation():
         est(logits, labels, features={"audio": torch.zeros(4, 3)})
     with pytest.raises(ValueError, match=r"Invalid logits: dict; allowed: a non-empty dict"):
         est({}, labels)
+
+
+def test_fallback_when_feature_entropy_is_zero():
+    # Features so large that softmax is exactly one-hot in float64: H_m = 0, r_m = inf -> fallback, no exception.
+    logits, labels = example()
+    features = {"audio": torch.randn(4, 8), "video": torch.zeros(4, 8)}
+    features["audio"][:, 0] = 1e4
+    est = ModalSignificance()
+    assert est(logits, labels, features) == {"audio": 0.5, "video": 0.5}
+    assert est.last.fallback and est.last.feature_entropy["audio"] == 0.0
