@@ -3,8 +3,11 @@
 from .backends import BackendUnavailable
 from .functional import masked_gradient, masked_sgd
 from .fusion import ConcatFusion, FusionOutput, modality_param_groups, slice_logits
+from .models import MultimodalNet, build_model
+from .modulation import OGMGE, ModulationStats
 from .optim import MaskedMultiModalSGD, ModalityStats, StepStats
 from .significance import ModalSignificance, SignificanceStats
+from .training import TrainConfig, train
 
 __version__ = "0.1.0"
 
@@ -21,5 +24,11 @@ __all__ = [
     "masked_sgd",
     "masked_gradient",
     "BackendUnavailable",
+    "OGMGE",
+    "ModulationStats",
+    "MultimodalNet",
+    "build_model",
+    "TrainConfig",
+    "train",
     "__version__",
 ]

@@ -1,8 +1,10 @@
-"""The ``masked-optim`` command line: ``demo``, ``env`` and ``bench``."""
+"""The ``masked-optim`` command line: ``train``, ``compare``, ``demo``, ``env`` and ``bench``."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import platform
 import sys
 import warnings
@@ -53,6 +55,120 @@ def environment() -> dict[str, str]:
     return info
 
 
+DEFAULT_METHODS = "joint,ogm-ge,uniform,amss,amss:channel,amss+,amss+ref"
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from .training import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--dataset", default=d.dataset, help="mfeat:<view>+<view> (views fac fou kar mor pix zer) | "
+                   "mfeat:all | watch | synthetic:xor | synthetic:parity3 (default %(default)s)")
+    p.add_argument("--data-seed", type=int, default=d.data_seed, help="synthetic data draw (real data has fixed splits)")
+    p.add_argument("--epochs", type=int, default=None, help="default: the dataset's (see training.DATASET_DEFAULTS)")
+    p.add_argument("--lr", type=float, default=None, help="default: the dataset's")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the dataset's")
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--smoothing", type=float, default=d.smoothing, help="importance smoothing gamma (SPEC 2)")
+    p.add_argument("--backend", default=d.backend, choices=["auto", "reference", "cpp", "cuda", "triton"])
+    g = p.add_argument_group("keep-rate estimator (ModalSignificance, SPEC 3)")
+    g.add_argument("--temperature", type=float, default=d.temperature)
+    g.add_argument("--offset", type=float, default=d.offset)
+    g.add_argument("--bias", type=float, default=d.bias)
+    g.add_argument("--min-rate", type=float, default=d.min_rate)
+    g.add_argument("--max-rate", type=float, default=d.max_rate)
+    g.add_argument("--beta", type=float, default=d.beta, help="EMA of the rate statistics across steps")
+    g.add_argument("--no-estimator-features", action="store_true", help="rate from I_m + c alone, without feature entropy")
+    g = p.add_argument_group("OGM-GE (SPEC 6)")
+    g.add_argument("--ogm-alpha", type=float, default=d.ogm_alpha)
+    g.add_argument("--ogm-start", type=int, default=d.ogm_start, help="first modulated epoch (0-based)")
+    g.add_argument("--ogm-end", type=int, default=d.ogm_end, help="first epoch no longer modulated (default: never stops)")
+    p.add_argument("--no-probe", action="store_true", help="skip the linear probes on frozen encoder features")
+
+
+def _config_from(args: argparse.Namespace, **extra):
+    from .training import TrainConfig
+
+    return TrainConfig(
+        dataset=args.dataset, data_seed=args.data_seed, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        momentum=args.momentum, weight_decay=args.weight_decay, smoothing=args.smoothing, backend=args.backend,
+        temperature=args.temperature, offset=args.offset, bias=args.bias, min_rate=args.min_rate,
+        max_rate=args.max_rate, beta=args.beta, estimator_features=not args.no_estimator_features,
+        ogm_alpha=args.ogm_alpha, ogm_start=args.ogm_start, ogm_end=args.ogm_end, probe=not args.no_probe, **extra,
+    )
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"Invalid {what}: {text!r}; allowed: comma-separated ints") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"Invalid {what}: {text!r}; allowed: comma-separated ints >= 0")
+    return values
+
+
+def _seeds(text: str) -> list[int]:
+    """``5`` -> seeds 0..4; ``3,7`` -> seeds 3 and 7."""
+    if "," not in text:
+        n = _int_list(text, "--seeds")[0]
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"Invalid --seeds: {text!r}; allowed: a count >= 1 or a comma-separated list")
+        return list(range(n))
+    return _int_list(text, "--seeds")
+
+
+def _slug(dataset: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", dataset).strip("_")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .training import train
+
+    config = _config_from(args, method=args.method, seed=args.seed, fold=args.fold)
+
+    def progress(ev):
+        v = ev["val"]
+        print(f"epoch {ev['epoch']:>3}/{ev['epochs']}  loss {ev['train_loss']:.4f}  val "
+              + "  ".join(f"{k} {x:.3f}" for k, x in v.items()), file=sys.stderr)
+
+    result = train(config, progress=None if args.quiet else progress)
+    t = result["test"]
+    print(f"{result['dataset']} {config.method} seed {config.seed} fold {config.fold}: best epoch {result['best_epoch']}, "
+          f"test accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f}, wall {result['wall_time_s']:.1f} s")
+    for m in result["modalities"]:
+        probe = t.get("probe_accuracy", {}).get(m)
+        print(f"  {m:>6}: slice accuracy {t['slice_accuracy'][m]:.4f}" + (f", linear probe {probe:.4f}" if probe is not None else "")
+              + f", mean keep rate {result['mean_rates'][m]:.3f}")
+    if args.json:
+        from .compare import save_json
+
+        save_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from .compare import format_table, plot_curves, run_compare, save_json
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    folds = None if args.folds == "all" else _int_list(args.folds, "--folds")
+    comparison = run_compare(args.dataset, methods, args.seeds, folds=folds, base=_config_from(args), progress=not args.quiet)
+    print(format_table(comparison))
+    stem = os.path.join(args.out, args.name or _slug(args.dataset))
+    save_json(comparison, stem + ".json")
+    print(f"wrote {stem}.json")
+    if not args.no_plot:
+        try:
+            plot_curves(comparison, stem + ".png")
+            print(f"wrote {stem}.png")
+        except ImportError as exc:
+            print(f"no figure: {exc} (pip install matplotlib)", file=sys.stderr)
+    print(f"total {comparison['total_wall_time_s']:.0f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="masked-optim", description="Balanced multimodal learning with masked SGD.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +180,24 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--n", type=int, default=5000, help="number of samples (60/20/20 split)")
     demo.add_argument("--no-baseline", action="store_true", help="skip the plain-SGD run for comparison")
     demo.add_argument("--seed", type=int, default=0)
+    from .training import METHODS
+
+    train_p = sub.add_parser("train", help="train one method on one dataset split and report test metrics")
+    train_p.add_argument("--method", default="amss", help=f"one of {sorted(METHODS)}, masked ones optionally ':channel'")
+    train_p.add_argument("--seed", type=int, default=0)
+    train_p.add_argument("--fold", type=int, default=0, help="watch: subject fold 0-4")
+    train_p.add_argument("--json", default=None, help="write the run (config, history, metrics) to this file")
+    train_p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    _add_train_options(train_p)
+    cmp_p = sub.add_parser("compare", help="several methods x seeds (x folds): results table, JSON and PNG")
+    cmp_p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated (default %(default)s)")
+    cmp_p.add_argument("--seeds", type=_seeds, default=list(range(5)), help="a count (5 = seeds 0-4, the default) or a list 0,3,7")
+    cmp_p.add_argument("--folds", default="all", help="'all' (default) or a list such as 0,1")
+    cmp_p.add_argument("--out", default="results", help="folder for <name>.json and <name>.png (default %(default)s)")
+    cmp_p.add_argument("--name", default=None, help="file stem (default: from the dataset)")
+    cmp_p.add_argument("--no-plot", action="store_true")
+    cmp_p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_train_options(cmp_p)
     sub.add_parser("env", help="print versions and which backends are built and usable")
     sub.add_parser(
         "bench", help="time the optimizer step against torch.optim.SGD (quick default; --help for options)", add_help=False
@@ -85,6 +219,14 @@ def main(argv: list[str] | None = None) -> int:
             epochs=args.epochs, mask=args.mask, granularity=args.granularity, n=args.n, setting=args.setting, seed=args.seed,
             baseline=not args.no_baseline,
         )
+    elif args.command in ("train", "compare"):
+        from .training import MethodUnavailable
+
+        try:
+            return _run_train(args) if args.command == "train" else _run_compare(args)
+        except (ValueError, MethodUnavailable, ModuleNotFoundError, argparse.ArgumentTypeError) as exc:
+            # Bad input (dataset spec, method, fold, missing data package): one line, no traceback.
+            parser.error(str(exc))
     elif args.command == "env":
         for key, value in environment().items():
             print(f"{key:>26}: {value}")

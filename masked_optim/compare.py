@@ -1,0 +1,313 @@
+"""Several methods x seeds x folds on one dataset: runs, a summary table, a JSON and a figure.
+
+Every method is run with the same seeds (same initial weights, same batches), so the table reports
+each metric's mean ± std over runs and the *paired* difference from ``joint`` ± its standard error
+over the (seed, fold) pairs (SPEC §7).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+
+from .data import load_dataset, num_folds
+from .metrics import mean_std, paired_difference
+from .training import TrainConfig, parse_method, train
+
+__all__ = ["SCHEMA", "run_compare", "summarise", "format_table", "save_json", "plot_curves", "validate_result"]
+
+SCHEMA = "masked_optim.compare/1"
+BASELINE = "joint"
+
+
+class _Progress:
+    """A one-line progress bar on stderr (redrawn in place on a terminal, one line per run otherwise)."""
+
+    def __init__(self, total: int, stream=None, enabled: bool = True) -> None:
+        self.total, self.done, self.stream, self.enabled = total, 0, stream or sys.stderr, enabled
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start = time.perf_counter()
+
+    def _bar(self, frac: float, width: int = 24) -> str:
+        filled = int(round(frac * width))
+        return "[" + "#" * filled + "." * (width - filled) + "]"
+
+    def update(self, label: str, epoch: int, epochs: int) -> None:
+        if not self.enabled or not self.tty:
+            return
+        frac = (self.done + epoch / epochs) / self.total
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / frac * (1 - frac) if frac > 0 else 0.0
+        self.stream.write(f"\r{self._bar(frac)} run {self.done + 1}/{self.total} {label} epoch {epoch}/{epochs}  eta {eta:5.0f}s ")
+        self.stream.flush()
+
+    def finish_run(self, label: str, summary: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        prefix = "\r" if self.tty else ""
+        clear = "\033[K" if self.tty else ""
+        self.stream.write(f"{prefix}{self._bar(self.done / self.total)} {self.done}/{self.total} {label}: {summary} ({elapsed:.0f}s){clear}\n")
+        self.stream.flush()
+
+
+def _environment() -> dict[str, str]:
+    from . import __version__
+
+    return {
+        "masked_optim": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": _cpu_name(),
+        "cpu_threads": str(torch.get_num_threads()),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _parse_folds(dataset: str, folds: Optional[Iterable[int]]) -> list[int]:
+    total = num_folds(dataset)
+    if folds is None:
+        return list(range(total))
+    out = list(folds)
+    for f in out:
+        if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < total:
+            raise ValueError(f"Invalid fold: {f!r}; allowed: an int in [0, {total}) for dataset {dataset!r}")
+    return out
+
+
+def run_compare(
+    dataset: str,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    folds: Optional[Iterable[int]] = None,
+    base: Optional[TrainConfig] = None,
+    progress: bool = True,
+    stream=None,
+) -> dict[str, Any]:
+    """Train every method for every seed and fold; returns the JSON-ready comparison.
+
+    ``base`` supplies every other :class:`TrainConfig` field (its ``dataset``, ``method``, ``seed``
+    and ``fold`` are replaced). The data of each fold is loaded once and shared by the methods.
+    ``folds=None`` runs every fold of the dataset (one for datasets without folds).
+    """
+    if not methods:
+        raise ValueError(f"Invalid methods: {list(methods)!r}; allowed: at least one method")
+    for m in methods:
+        parse_method(m)
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"Invalid methods: {list(methods)!r}; allowed: each method once")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"Invalid seeds: {list(seeds)!r}; allowed: one or more distinct ints >= 0")
+    fold_list = _parse_folds(dataset, folds)
+    base = base or TrainConfig()
+    bar = _Progress(len(methods) * len(seeds) * len(fold_list), stream=stream, enabled=progress)
+    runs: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for fold in fold_list:
+        data = load_dataset(dataset, fold=fold, seed=base.data_seed)
+        for seed in seeds:
+            for method in methods:
+                config = replace(base, dataset=dataset, method=method, seed=seed, fold=fold)
+                label = f"{method} seed {seed}" + (f" fold {fold}" if len(fold_list) > 1 or fold else "")
+                result = train(config, data, progress=lambda ev, lab=label: bar.update(lab, ev["epoch"], ev["epochs"]))
+                slices = " ".join(f"{m} {v:.3f}" for m, v in result["test"]["slice_accuracy"].items())
+                bar.finish_run(label, f"test acc {result['test']['accuracy']:.3f}, slices {slices}")
+                runs.append(result)
+    comparison = {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "environment": _environment(),
+        "dataset": dataset,
+        "dataset_name": runs[0]["dataset"],
+        "modalities": runs[0]["modalities"],
+        "methods": list(methods),
+        "seeds": list(seeds),
+        "folds": fold_list,
+        "total_wall_time_s": time.perf_counter() - started,
+        "runs": runs,
+    }
+    comparison["summary"] = summarise(comparison)
+    return comparison
+
+
+def _metric_rows(run: dict[str, Any]) -> dict[str, float]:
+    t = run["test"]
+    row = {"accuracy": t["accuracy"], "macro_f1": t["macro_f1"], "wall_time_s": run["wall_time_s"], "best_epoch": run["best_epoch"]}
+    for m, v in t["slice_accuracy"].items():
+        row[f"slice:{m}"] = v
+    for m, v in t.get("probe_accuracy", {}).items():
+        row[f"probe:{m}"] = v
+    for m, v in run["mean_rates"].items():
+        row[f"rate:{m}"] = v
+    return row
+
+
+def summarise(comparison: dict[str, Any]) -> dict[str, Any]:
+    """Per method and metric: mean, std (ddof 1), n, and the paired difference from ``joint`` ± its s.e."""
+    by_method: dict[str, dict[tuple[int, int], dict[str, float]]] = {}
+    for run in comparison["runs"]:
+        key = (run["config"]["seed"], run["config"]["fold"])
+        by_method.setdefault(run["config"]["method"], {})[key] = _metric_rows(run)
+    baseline = by_method.get(BASELINE)
+    summary: dict[str, Any] = {}
+    for method, rows in by_method.items():
+        metrics = sorted({k for r in rows.values() for k in r}, key=list(next(iter(rows.values()))).index)
+        entry: dict[str, Any] = {"n": len(rows)}
+        for metric in metrics:
+            values = [r[metric] for r in rows.values() if metric in r]
+            mean, std = mean_std(values)
+            item = {"mean": mean, "std": std}
+            if baseline is not None and method != BASELINE and not metric.startswith(("rate:", "wall", "best")):
+                keys = [k for k in rows if k in baseline and metric in baseline[k] and metric in rows[k]]
+                if keys:
+                    diff, se = paired_difference([rows[k][metric] for k in keys], [baseline[k][metric] for k in keys])
+                    item["diff_vs_joint"] = diff
+                    item["diff_se"] = se
+            entry[metric] = item
+        summary[method] = entry
+    return summary
+
+
+def _pm(item: Optional[dict[str, float]], scale: float = 100.0, digits: int = 1) -> str:
+    if item is None:
+        return "-"
+    return f"{item['mean'] * scale:.{digits}f} ± {item['std'] * scale:.{digits}f}"
+
+
+def _diff(item: Optional[dict[str, float]]) -> str:
+    if item is None or "diff_vs_joint" not in item:
+        return "-"
+    se = item["diff_se"]
+    se_text = "nan" if not math.isfinite(se) else f"{se * 100:.1f}"
+    return f"{item['diff_vs_joint'] * 100:+.1f} ± {se_text}"
+
+
+def format_table(comparison: dict[str, Any]) -> str:
+    """The results table (accuracies in %, mean ± std over runs; Δ = paired difference from joint ± s.e.)."""
+    summary = comparison["summary"]
+    mods = comparison["modalities"]
+    header = ["method", "n", "accuracy", "Δ acc", "macro-F1"]
+    header += [f"slice {m}" for m in mods] + [f"Δ slice {m}" for m in mods]
+    header += [f"probe {m}" for m in mods] + ["rates " + "/".join(mods), "time s"]
+    rows = [header]
+    for method in comparison["methods"]:
+        e = summary.get(method)
+        if e is None:
+            continue
+        row = [method, str(e["n"]), _pm(e["accuracy"]), _diff(e["accuracy"]), _pm(e["macro_f1"])]
+        row += [_pm(e.get(f"slice:{m}")) for m in mods] + [_diff(e.get(f"slice:{m}")) for m in mods]
+        row += [_pm(e.get(f"probe:{m}")) for m in mods]
+        row.append("/".join(f"{e[f'rate:{m}']['mean']:.2f}" for m in mods))
+        row.append(f"{e['wall_time_s']['mean']:.1f}")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for j, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    folds = comparison["folds"]
+    lines.append(
+        f"{comparison['dataset_name']}: test split at the epoch with the best validation accuracy; "
+        f"{len(comparison['seeds'])} seeds" + (f" x {len(folds)} folds" if len(folds) > 1 else "")
+        + "; accuracies in %, mean ± std over runs; Δ = paired difference from joint ± standard error; "
+        "rates = mean keep rate per modality (1 = dense)"
+    )
+    return "\n".join(lines)
+
+
+def save_json(comparison: dict[str, Any], path: str) -> None:
+    """Write the comparison (atomically: a temp file, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(comparison, fh, indent=1, allow_nan=True)
+    os.replace(tmp, path)
+
+
+def validate_result(comparison: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first missing or mistyped field of a comparison JSON."""
+
+    def need(obj, key, typ, where):
+        if not isinstance(obj, dict) or key not in obj:
+            raise ValueError(f"Invalid comparison: missing {where}{key}")
+        if not isinstance(obj[key], typ):
+            raise ValueError(f"Invalid comparison: {where}{key} is {type(obj[key]).__name__}; allowed: {typ}")
+        return obj[key]
+
+    if need(comparison, "schema", str, "") != SCHEMA:
+        raise ValueError(f"Invalid comparison: schema {comparison['schema']!r}; allowed: {SCHEMA!r}")
+    for key, typ in (("dataset", str), ("modalities", list), ("methods", list), ("seeds", list), ("folds", list),
+                     ("runs", list), ("summary", dict), ("environment", dict), ("created", str)):
+        need(comparison, key, typ, "")
+    mods = comparison["modalities"]
+    for i, run in enumerate(comparison["runs"]):
+        w = f"runs[{i}]."
+        for key, typ in (("config", dict), ("test", dict), ("val", dict), ("history", list), ("mean_rates", dict),
+                         ("best_epoch", int), ("wall_time_s", float)):
+            need(run, key, typ, w)
+        for key, typ in (("accuracy", float), ("macro_f1", float), ("slice_accuracy", dict)):
+            need(run["test"], key, typ, w + "test.")
+        if sorted(run["test"]["slice_accuracy"]) != sorted(mods):
+            raise ValueError(f"Invalid comparison: {w}test.slice_accuracy has {sorted(run['test']['slice_accuracy'])}; allowed: {sorted(mods)}")
+        for h in run["history"]:
+            for key in ("epoch", "train_loss", "rate", "kept_fraction", "val"):
+                need(h, key, (int, float, dict), w + "history[].")
+
+
+def plot_curves(comparison: dict[str, Any], path: str) -> None:
+    """PNG: validation accuracy over epochs (mean over runs), fused and each modality's slice, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = ["fused", *comparison["modalities"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False, sharex=True)
+    for method in comparison["methods"]:
+        runs = [r for r in comparison["runs"] if r["config"]["method"] == method]
+        if not runs:
+            continue
+        # Runs that diverged stop early: each epoch averages the runs that reached it.
+        epochs = max(len(r["history"]) for r in runs)
+        for ax, panel in zip(axes[0], panels):
+            curve = []
+            for e in range(epochs):
+                vals = [r["history"][e]["val"][panel] for r in runs if len(r["history"]) > e]
+                curve.append(sum(vals) / len(vals))
+            ax.plot(range(1, epochs + 1), [100 * c for c in curve], label=method, lw=1.4,
+                    ls="--" if method == BASELINE else "-")
+    for ax, panel in zip(axes[0], panels):
+        ax.set_title("fused head" if panel == "fused" else f"slice {panel}")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation accuracy (%)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    n = len(comparison["seeds"]) * len(comparison["folds"])
+    fig.suptitle(f"{comparison['dataset_name']}: mean of {n} runs per method", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,201 @@
+"""The training loop, every method for a few steps, the comparison JSON and table, and the CLI on a
+tiny configuration (synthetic data: no data package needed)."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from masked_optim.cli import main
+from masked_optim.compare import SCHEMA, format_table, plot_curves, run_compare, save_json, summarise, validate_result
+from masked_optim.data import modality_competition
+from masked_optim.models import Conv1dEncoder, MLPEncoder, build_model
+from masked_optim.training import METHODS, MethodUnavailable, TrainConfig, parse_method, train
+
+RUNNABLE = [m for m, spec in METHODS.items() if spec.unavailable is None]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return modality_competition("xor", n=300, seed=1)
+
+
+def run(tiny, method, **kw):
+    kw.setdefault("epochs", 2)
+    kw.setdefault("probe", False)
+    return train(TrainConfig(dataset="synthetic:xor", method=method, **kw), tiny)
+
+
+@pytest.mark.parametrize("method", RUNNABLE + ["amss:channel", "uniform:channel", "amss+:channel"])
+def test_every_method_trains_and_reports(tiny, method):
+    r = run(tiny, method, probe=True)
+    assert r["best_epoch"] in (1, 2) or r["diverged_at_epoch"] is not None
+    assert set(r["test"]["slice_accuracy"]) == {"a", "b"} == set(r["test"]["probe_accuracy"])
+    for key in ("accuracy", "macro_f1"):
+        assert 0.0 <= r["test"][key] <= 1.0
+    masked = METHODS[parse_method(method)[0]].mask != "none"
+    for row in r["history"]:
+        for m in ("a", "b"):
+            if masked:  # the estimator's clamps (0.1, 0.9) or its 0.5 fallback
+                assert 0.1 <= row["rate"][m] <= 0.9
+            else:
+                assert row["rate"][m] == 1.0 and row["kept_fraction"][m] == 1.0
+    assert r["config"]["epochs"] == 2 and r["config"]["lr"] == 0.01  # dataset defaults filled in
+    json.dumps(r)  # JSON-ready
+
+
+def test_same_seed_same_run_and_methods_share_initial_weights(tiny):
+    a, b = run(tiny, "amss"), run(tiny, "amss")
+    assert a["history"] == b["history"] and a["test"] == b["test"]
+    # Every method of a seed starts from the same weights: epoch-0 hooks see identical parameters.
+    seen = {}
+
+    def hook(epoch, model, data, optimizer):
+        seen.setdefault(optimizer.param_groups[0]["mask"], []).append(model.head.fc.weight.detach().clone())
+        return {"norm": float(model.head.fc.weight.detach().norm())}
+
+    for method in ("joint", "amss"):
+        r = train(TrainConfig(dataset="synthetic:xor", method=method, epochs=1, probe=False, lr=1e-12), tiny, on_epoch_end=hook)
+        assert r["history"][0]["hook"]["norm"] > 0
+    assert torch.allclose(seen["none"][0], seen["amss"][0], atol=1e-9)
+
+
+def test_ogm_ge_modulates_and_joint_does_not(tiny):
+    joint, ogm = run(tiny, "joint", epochs=1), run(tiny, "ogm-ge", epochs=1)
+    assert joint["history"] != ogm["history"]
+    window_closed = run(tiny, "ogm-ge", epochs=1, ogm_start=5)  # never active within 1 epoch: plain SGD
+    assert window_closed["history"] == joint["history"]
+
+
+def test_divergence_stops_the_run_and_keeps_finite_metrics(tiny):
+    r = run(tiny, "joint", lr=1e6, epochs=3)
+    assert r["diverged_at_epoch"] == 1 and r["best_epoch"] == 0 and r["history"] == []
+    assert math.isfinite(r["test"]["accuracy"])
+
+
+def test_relearn_is_a_named_hook_not_a_silent_no_op(tiny):
+    with pytest.raises(MethodUnavailable, match="relearn.*on_epoch_end"):
+        run(tiny, "relearn")
+
+
+@pytest.mark.parametrize(
+    "spec, pattern",
+    [("bogus", "Invalid method: 'bogus'"), ("joint:channel", "granularities for 'joint'"), ("amss:row", "amss:row")],
+)
+def test_parse_method_errors(spec, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        parse_method(spec)
+
+
+@pytest.mark.parametrize(
+    "kw, pattern",
+    [({"epochs": 0}, "Invalid epochs: 0"), ({"lr": -1.0}, "Invalid lr: -1.0"), ({"seed": -2}, "Invalid seed: -2"),
+     ({"batch_size": 1.5}, "Invalid batch_size: 1.5")],
+)
+def test_config_validation(tiny, kw, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        run(tiny, "joint", **kw)
+
+
+def test_models_pick_encoder_by_shape():
+    model = build_model({"v": (7,), "s": (3, 40)}, 5)
+    assert isinstance(model.encoders["v"], MLPEncoder) and isinstance(model.encoders["s"], Conv1dEncoder)
+    out = model({"v": torch.randn(4, 7), "s": torch.randn(4, 3, 40)})
+    assert out.logits.shape == (4, 5) and out.features["s"].shape == (4, 64)
+    torch.testing.assert_close(out.modality_logits["v"] + out.modality_logits["s"], out.logits)
+    with pytest.raises(ValueError, match=r"Invalid shapes\['x'\]"):
+        build_model({"x": (1, 2, 3)}, 2)
+
+
+# --- the comparison --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def comparison():
+    base = TrainConfig(epochs=2, probe=True)
+    return run_compare("synthetic:xor", ["joint", "amss", "ogm-ge"], [0, 1], base=base, progress=False)
+
+
+def test_comparison_json_schema_round_trip(comparison, tmp_path):
+    validate_result(comparison)
+    path = tmp_path / "c.json"
+    save_json(comparison, str(path))
+    loaded = json.loads(path.read_text())
+    validate_result(loaded)
+    assert loaded["schema"] == SCHEMA and len(loaded["runs"]) == 6 and loaded["folds"] == [0]
+    broken = json.loads(path.read_text())
+    del broken["runs"][3]["test"]["macro_f1"]
+    with pytest.raises(ValueError, match=r"runs\[3\]\.test\.macro_f1"):
+        validate_result(broken)
+
+
+def test_summary_is_the_paired_difference_from_joint(comparison):
+    s = comparison["summary"]
+    runs = {(r["config"]["method"], r["config"]["seed"]): r for r in comparison["runs"]}
+    d = [runs["amss", k]["test"]["slice_accuracy"]["b"] - runs["joint", k]["test"]["slice_accuracy"]["b"] for k in (0, 1)]
+    mean = sum(d) / 2
+    se = abs(d[0] - d[1]) / 2  # std (ddof 1) of two values / sqrt(2)
+    assert s["amss"]["slice:b"]["diff_vs_joint"] == pytest.approx(mean, abs=1e-12)
+    assert s["amss"]["slice:b"]["diff_se"] == pytest.approx(se, abs=1e-12)
+    assert "diff_vs_joint" not in s["joint"]["accuracy"]
+    assert s["amss"]["n"] == 2
+    assert summarise(comparison) == s
+
+
+def test_table_and_figure(comparison, tmp_path):
+    table = format_table(comparison)
+    lines = table.splitlines()
+    assert lines[0].split()[:4] == ["method", "n", "accuracy", "Δ"]
+    assert [ln.split()[0] for ln in lines[2:5]] == ["joint", "amss", "ogm-ge"]
+    assert "paired difference from joint" in lines[-1]
+    path = tmp_path / "fig.png"
+    plot_curves(comparison, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_rejects_bad_input():
+    with pytest.raises(ValueError, match="Invalid fold: 3"):
+        run_compare("synthetic:xor", ["joint"], [0], folds=[3])
+    with pytest.raises(ValueError, match="each method once"):
+        run_compare("synthetic:xor", ["joint", "joint"], [0])
+    with pytest.raises(ValueError, match="Invalid seeds"):
+        run_compare("synthetic:xor", ["joint"], [])
+
+
+# --- the CLI ---------------------------------------------------------------------------------
+
+
+def test_cli_compare_prints_table_and_writes_json_and_png(tmp_path, capsys):
+    args = ["compare", "--dataset", "synthetic:xor", "--methods", "joint,amss:channel", "--seeds", "2", "--epochs", "1",
+            "--no-probe", "--out", str(tmp_path), "--name", "tiny"]
+    assert main(args) == 0
+    out = capsys.readouterr()
+    assert "amss:channel" in out.out and "Δ slice b" in out.out
+    assert "2/4" in out.err  # progress, one line per run when not on a terminal
+    c = json.loads((tmp_path / "tiny.json").read_text())
+    validate_result(c)
+    assert c["seeds"] == [0, 1] and {r["config"]["method"] for r in c["runs"]} == {"joint", "amss:channel"}
+    assert (tmp_path / "tiny.png").stat().st_size > 1000
+
+
+def test_cli_train_writes_json(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    assert main(["train", "--dataset", "synthetic:parity3", "--method", "ogm-ge", "--epochs", "1", "--quiet",
+                 "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "slice accuracy" in out and "linear probe" in out
+    assert json.loads(path.read_text())["config"]["method"] == "ogm-ge"
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [(["train", "--dataset", "nope"], "nope"), (["train", "--method", "relearn", "--dataset", "synthetic:xor"], "relearn"),
+     (["compare", "--dataset", "synthetic:xor", "--folds", "x"], "--folds"), (["compare", "--seeds", "0"], "--seeds")],
+)
+def test_cli_errors_are_one_line(args, pattern, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert pattern in capsys.readouterr().err
