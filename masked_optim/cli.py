@@ -55,7 +55,7 @@ def environment() -> dict[str, str]:
     return info
 
 
-DEFAULT_METHODS = "joint,ogm-ge,uniform,amss,amss:channel,amss+,amss+ref"
+DEFAULT_METHODS = "joint,ogm-ge,uniform,uniform:channel,amss,amss:channel,amss+,amss+:channel,amss+ref"
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -150,22 +150,47 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from .compare import format_table, plot_curves, run_compare, save_json
+    from .compare import run_compare
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     folds = None if args.folds == "all" else _int_list(args.folds, "--folds")
     comparison = run_compare(args.dataset, methods, args.seeds, folds=folds, base=_config_from(args), progress=not args.quiet)
+    _write_outputs(comparison, os.path.join(args.out, args.name or _slug(args.dataset)), not args.no_plot)
+    print(f"total {comparison['total_wall_time_s']:.0f} s")
+    return 0
+
+
+def _write_outputs(comparison: dict, stem: str, plot: bool) -> None:
+    from .compare import format_table, plot_curves, save_json
+
     print(format_table(comparison))
-    stem = os.path.join(args.out, args.name or _slug(args.dataset))
     save_json(comparison, stem + ".json")
     print(f"wrote {stem}.json")
-    if not args.no_plot:
+    if plot:
         try:
             plot_curves(comparison, stem + ".png")
             print(f"wrote {stem}.png")
         except ImportError as exc:
             print(f"no figure: {exc} (pip install matplotlib)", file=sys.stderr)
-    print(f"total {comparison['total_wall_time_s']:.0f} s")
+
+
+def _run_merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json
+
+    from .compare import merge_comparisons
+
+    parts = []
+    for path in args.inputs:
+        try:
+            with open(path) as fh:
+                parts.append(json.load(fh))
+        except (OSError, json.JSONDecodeError) as exc:
+            parser.error(f"cannot read {path}: {exc}")
+    try:
+        merged = merge_comparisons(parts)
+    except ValueError as exc:
+        parser.error(str(exc))
+    _write_outputs(merged, os.path.splitext(args.out)[0], not args.no_plot)
     return 0
 
 
@@ -198,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     cmp_p.add_argument("--no-plot", action="store_true")
     cmp_p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_train_options(cmp_p)
+    merge_p = sub.add_parser("merge", help="merge compare JSONs of one dataset (e.g. folds run in parallel): table, JSON, PNG")
+    merge_p.add_argument("inputs", nargs="+", help="compare JSON files")
+    merge_p.add_argument("--out", required=True, help="the merged JSON (the PNG goes beside it)")
+    merge_p.add_argument("--no-plot", action="store_true")
     sub.add_parser("env", help="print versions and which backends are built and usable")
     sub.add_parser(
         "bench", help="time the optimizer step against torch.optim.SGD (quick default; --help for options)", add_help=False
@@ -219,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             epochs=args.epochs, mask=args.mask, granularity=args.granularity, n=args.n, setting=args.setting, seed=args.seed,
             baseline=not args.no_baseline,
         )
+    elif args.command == "merge":
+        return _run_merge(args, parser)
     elif args.command in ("train", "compare"):
         from .training import MethodUnavailable
 

@@ -23,7 +23,7 @@ from .data import load_dataset, num_folds
 from .metrics import mean_std, paired_difference
 from .training import TrainConfig, parse_method, train
 
-__all__ = ["SCHEMA", "run_compare", "summarise", "format_table", "save_json", "plot_curves", "validate_result"]
+__all__ = ["SCHEMA", "run_compare", "merge_comparisons", "summarise", "format_table", "save_json", "plot_curves", "validate_result"]
 
 SCHEMA = "masked_optim.compare/1"
 BASELINE = "joint"
@@ -152,6 +152,41 @@ def run_compare(
     return comparison
 
 
+def merge_comparisons(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One comparison from several of the same dataset and methods (e.g. folds run in separate processes).
+
+    Raises ``ValueError`` if the parts differ in dataset or methods, or if a (method, seed, fold) run
+    appears twice. Runs keep their order (part by part); seeds and folds are the sorted unions; the
+    summary is recomputed; ``total_wall_time_s`` is the sum of the parts'.
+    """
+    if not parts:
+        raise ValueError("Invalid parts: none; allowed: one or more comparisons")
+    for i, part in enumerate(parts):
+        validate_result(part)
+        for key in ("dataset", "methods", "modalities"):
+            if part[key] != parts[0][key]:
+                raise ValueError(f"Invalid parts[{i}]: {key} {part[key]!r} differs from {parts[0][key]!r}; allowed: the same in every part")
+    seen = set()
+    runs = []
+    for part in parts:
+        for run in part["runs"]:
+            key = (run["config"]["method"], run["config"]["seed"], run["config"]["fold"])
+            if key in seen:
+                raise ValueError(f"Invalid parts: run (method, seed, fold) = {key} appears twice; allowed: each run once")
+            seen.add(key)
+            runs.append(run)
+    merged = dict(parts[0])
+    merged.update(
+        runs=runs,
+        seeds=sorted({s for p in parts for s in p["seeds"]}),
+        folds=sorted({f for p in parts for f in p["folds"]}),
+        total_wall_time_s=sum(p["total_wall_time_s"] for p in parts),
+        merged_from=len(parts),
+    )
+    merged["summary"] = summarise(merged)
+    return merged
+
+
 def _metric_rows(run: dict[str, Any]) -> dict[str, float]:
     t = run["test"]
     row = {"accuracy": t["accuracy"], "macro_f1": t["macro_f1"], "wall_time_s": run["wall_time_s"], "best_epoch": run["best_epoch"]}
@@ -159,8 +194,9 @@ def _metric_rows(run: dict[str, Any]) -> dict[str, float]:
         row[f"slice:{m}"] = v
     for m, v in t.get("probe_accuracy", {}).items():
         row[f"probe:{m}"] = v
-    for m, v in run["mean_rates"].items():
-        row[f"rate:{m}"] = v
+    if run.get("steps", 1) > 0:  # a run that diverged in its first epoch has no meaningful mean rate
+        for m, v in run["mean_rates"].items():
+            row[f"rate:{m}"] = v
     return row
 
 
@@ -204,24 +240,32 @@ def _diff(item: Optional[dict[str, float]]) -> str:
     return f"{item['diff_vs_joint'] * 100:+.1f} ± {se_text}"
 
 
-def format_table(comparison: dict[str, Any]) -> str:
-    """The results table (accuracies in %, mean ± std over runs; Δ = paired difference from joint ± s.e.)."""
+def format_table(comparison: dict[str, Any], markdown: bool = False, compact: bool = False) -> str:
+    """The results table (accuracies in %, mean ± std over runs; Δ = paired difference from joint ± s.e.).
+
+    ``markdown=True`` gives a GitHub table (no caption line) instead of aligned text; ``compact``
+    leaves out the absolute slice and probe accuracies (for many modalities), keeping the Δ columns.
+    """
     summary = comparison["summary"]
     mods = comparison["modalities"]
     header = ["method", "n", "accuracy", "Δ acc", "macro-F1"]
-    header += [f"slice {m}" for m in mods] + [f"Δ slice {m}" for m in mods]
-    header += [f"probe {m}" for m in mods] + ["rates " + "/".join(mods), "time s"]
+    header += ([] if compact else [f"slice {m}" for m in mods]) + [f"Δ slice {m}" for m in mods]
+    header += ([] if compact else [f"probe {m}" for m in mods]) + ["rates " + "/".join(mods), "time s"]
     rows = [header]
     for method in comparison["methods"]:
         e = summary.get(method)
         if e is None:
             continue
         row = [method, str(e["n"]), _pm(e["accuracy"]), _diff(e["accuracy"]), _pm(e["macro_f1"])]
-        row += [_pm(e.get(f"slice:{m}")) for m in mods] + [_diff(e.get(f"slice:{m}")) for m in mods]
-        row += [_pm(e.get(f"probe:{m}")) for m in mods]
-        row.append("/".join(f"{e[f'rate:{m}']['mean']:.2f}" for m in mods))
+        row += ([] if compact else [_pm(e.get(f"slice:{m}")) for m in mods]) + [_diff(e.get(f"slice:{m}")) for m in mods]
+        row += [] if compact else [_pm(e.get(f"probe:{m}")) for m in mods]
+        row.append("/".join(f"{e[f'rate:{m}']['mean']:.2f}" if f"rate:{m}" in e else "-" for m in mods))
         row.append(f"{e['wall_time_s']['mean']:.1f}")
         rows.append(row)
+    if markdown:
+        md = ["| " + " | ".join(r) + " |" for r in rows]
+        md.insert(1, "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
+        return "\n".join(md)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = []
     for j, r in enumerate(rows):

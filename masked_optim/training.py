@@ -209,7 +209,8 @@ def train(
     ``best_epoch`` (highest validation fused accuracy; the first on ties), ``val`` and ``test``
     at that epoch (fused accuracy and macro-F1, each modality's slice accuracy, and with
     ``config.probe`` each modality's linear-probe accuracy on its frozen encoder features),
-    ``mean_rates`` over all steps and ``wall_time_s`` (training and per-epoch validation).
+    ``mean_rates`` over all steps, ``steps`` (optimizer steps taken) and ``wall_time_s`` (training
+    and per-epoch validation).
 
     A run whose loss or gradients become non-finite stops there (``diverged_at_epoch``; the
     optimizer refuses the step, so the weights stay finite) and is evaluated at its best epoch
@@ -228,7 +229,7 @@ def train(
     best_epoch, best_acc, best_state = 0, -1.0, copy.deepcopy(model.state_dict())
     diverged_at: Optional[int] = None
     rate_total = {m: 0.0 for m in modalities}
-    steps_total = 0
+    steps_total = rate_steps = 0
     start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         model.train()
@@ -251,6 +252,9 @@ def train(
                 feats = {m: z.detach() for m, z in out.features.items()} if config.estimator_features else None
                 rates = estimator({m: o.detach() for m, o in out.modality_logits.items()}, yb, feats)
                 fallbacks += int(estimator.last.fallback)
+            for m in modalities:  # every attempted step counts, also one that diverges
+                rate_total[m] += rates[m] if rates is not None else 1.0
+            rate_steps += 1
             if modulation is not None:
                 modulation.apply({m: o.detach() for m, o in out.modality_logits.items()}, yb, epoch - 1)
             if not math.isfinite(loss.item()):
@@ -272,11 +276,9 @@ def train(
                     kept_sum[m] += 1.0
             loss_sum += loss.item()
             steps += 1
+        steps_total += steps
         if diverged_at is not None:
             break
-        for m in modalities:
-            rate_total[m] += rate_sum[m]
-        steps_total += steps
         val = _split_logits(predict(model, data.val[0]), data.val[1])
         row: dict[str, Any] = {
             "epoch": epoch,
@@ -306,7 +308,7 @@ def train(
         "best_epoch": best_epoch,
         "val": _evaluate(model, data, "val", probe=False),
         "test": _evaluate(model, data, "test", probe=config.probe),
-        "mean_rates": {m: rate_total[m] / max(steps_total, 1) for m in modalities},
+        "mean_rates": {m: rate_total[m] / max(rate_steps, 1) for m in modalities},
         "steps": steps_total,
         "diverged_at_epoch": diverged_at,
         "wall_time_s": wall,

@@ -9,7 +9,16 @@ import pytest
 import torch
 
 from masked_optim.cli import main
-from masked_optim.compare import SCHEMA, format_table, plot_curves, run_compare, save_json, summarise, validate_result
+from masked_optim.compare import (
+    SCHEMA,
+    format_table,
+    merge_comparisons,
+    plot_curves,
+    run_compare,
+    save_json,
+    summarise,
+    validate_result,
+)
 from masked_optim.data import modality_competition
 from masked_optim.models import Conv1dEncoder, MLPEncoder, build_model
 from masked_optim.training import METHODS, MethodUnavailable, TrainConfig, parse_method, train
@@ -150,9 +159,37 @@ def test_table_and_figure(comparison, tmp_path):
     assert lines[0].split()[:4] == ["method", "n", "accuracy", "Δ"]
     assert [ln.split()[0] for ln in lines[2:5]] == ["joint", "amss", "ogm-ge"]
     assert "paired difference from joint" in lines[-1]
+    md = format_table(comparison, markdown=True).splitlines()
+    assert md[0].startswith("| method | n | accuracy |") and md[1].startswith("|---|---:")
+    assert len(md) == 2 + 3 and all(line.count("|") == md[0].count("|") for line in md)
     path = tmp_path / "fig.png"
     plot_curves(comparison, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _part(comparison, seeds):
+    part = dict(comparison, runs=[r for r in comparison["runs"] if r["config"]["seed"] in seeds], seeds=list(seeds))
+    part["summary"] = summarise(part)
+    return part
+
+
+def test_merge_of_parts_equals_the_whole(comparison, tmp_path, capsys):
+    a, b = _part(comparison, [0]), _part(comparison, [1])
+    merged = merge_comparisons([a, b])
+    assert merged["summary"] == comparison["summary"] and merged["seeds"] == [0, 1]
+    validate_result(merged)
+    with pytest.raises(ValueError, match="appears twice"):
+        merge_comparisons([a, a])
+    with pytest.raises(ValueError, match=r"parts\[1\]: dataset 'synthetic:parity3'"):
+        merge_comparisons([a, dict(b, dataset="synthetic:parity3")])
+    paths = []
+    for name, part in (("a", a), ("b", b)):
+        paths.append(str(tmp_path / f"{name}.json"))
+        save_json(part, paths[-1])
+    assert main(["merge", *paths, "--out", str(tmp_path / "all.json")]) == 0
+    assert "ogm-ge" in capsys.readouterr().out
+    assert json.loads((tmp_path / "all.json").read_text())["summary"] == comparison["summary"]
+    assert (tmp_path / "all.png").exists()
 
 
 def test_compare_rejects_bad_input():
