@@ -15,7 +15,7 @@ import platform
 import sys
 import time
 from dataclasses import replace
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
@@ -209,7 +209,7 @@ def summarise(comparison: dict[str, Any]) -> dict[str, Any]:
     baseline = by_method.get(BASELINE)
     summary: dict[str, Any] = {}
     for method, rows in by_method.items():
-        metrics = sorted({k for r in rows.values() for k in r}, key=list(next(iter(rows.values()))).index)
+        metrics = list(dict.fromkeys(k for r in rows.values() for k in r))  # first-seen order
         entry: dict[str, Any] = {"n": len(rows)}
         for metric in metrics:
             values = [r[metric] for r in rows.values() if metric in r]
@@ -348,10 +348,10 @@ def plot_curves(comparison: dict[str, Any], path: str) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation accuracy (%)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     n = len(comparison["seeds"]) * len(comparison["folds"])
     fig.suptitle(f"{comparison['dataset_name']}: mean of {n} runs per method", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

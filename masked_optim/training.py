@@ -25,8 +25,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Mapping, Optional
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -152,7 +152,7 @@ class TrainConfig:
         return out
 
 
-def _split_logits(out, labels: Tensor) -> dict[str, float]:
+def _accuracies(out, labels: Tensor) -> dict[str, float]:
     acc = {"fused": accuracy(out.logits, labels)}
     for m, o in out.modality_logits.items():
         acc[m] = accuracy(o, labels)
@@ -279,7 +279,7 @@ def train(
         steps_total += steps
         if diverged_at is not None:
             break
-        val = _split_logits(predict(model, data.val[0]), data.val[1])
+        val = _accuracies(predict(model, data.val[0]), data.val[1])
         row: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": loss_sum / max(steps, 1),
@@ -332,8 +332,3 @@ def _evaluate(model: MultimodalNet, data: MultimodalSplits, split: str, probe: b
             for m in out.features
         }
     return res
-
-
-def config_fields() -> list[str]:
-    """Names of :class:`TrainConfig` fields (for the CLI and the JSON schema)."""
-    return [f.name for f in fields(TrainConfig)]

@@ -3,7 +3,6 @@ tiny configuration (synthetic data: no data package needed)."""
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -151,6 +150,21 @@ def test_summary_is_the_paired_difference_from_joint(comparison):
     assert "diff_vs_joint" not in s["joint"]["accuracy"]
     assert s["amss"]["n"] == 2
     assert summarise(comparison) == s
+
+
+def test_summary_leaves_out_rates_of_runs_that_took_no_step(comparison):
+    c = json.loads(json.dumps(comparison))
+    first = next(r for r in c["runs"] if r["config"]["method"] == "amss")
+    first["steps"] = 0  # diverged on its first step
+    s = summarise(c)
+    other = next(r for r in c["runs"] if r["config"]["method"] == "amss" and r is not first)
+    assert s["amss"]["rate:a"]["mean"] == pytest.approx(other["mean_rates"]["a"], abs=1e-12)
+    for r in c["runs"]:
+        if r["config"]["method"] == "joint":
+            r["steps"] = 0
+    assert "rate:a" not in summarise(c)["joint"]
+    c["summary"] = summarise(c)
+    assert format_table(c, markdown=True).splitlines()[2].split("|")[-3].strip() == "-/-"
 
 
 def test_table_and_figure(comparison, tmp_path):
