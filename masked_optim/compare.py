@@ -287,7 +287,7 @@ def save_json(comparison: dict[str, Any], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
-        json.dump(comparison, fh, indent=1, allow_nan=True)
+        json.dump(comparison, fh, separators=(",", ":"), allow_nan=True)
     os.replace(tmp, path)
 
 
