@@ -84,6 +84,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ogm-alpha", type=float, default=d.ogm_alpha)
     g.add_argument("--ogm-start", type=int, default=d.ogm_start, help="first modulated epoch (0-based)")
     g.add_argument("--ogm-end", type=int, default=d.ogm_end, help="first epoch no longer modulated (default: never stops)")
+    g = p.add_argument_group("Diagnosing & Re-learning (SPEC 5; methods relearn, relearn+<mask>)")
+    g.add_argument("--relearn-lam", type=float, default=d.relearn_lam, help="alpha = tanh(lam * |purity gap|)")
+    g.add_argument("--relearn-every", type=int, default=d.relearn_every, help="diagnose after every N-th epoch")
+    g.add_argument("--relearn-times", type=int, default=d.relearn_times, help="at most this many re-initialisations")
+    g.add_argument("--relearn-reset-buffers", action="store_true", help="also pull batch-norm statistics back")
+    g.add_argument("--relearn-reset-optimizer", action="store_true", help="drop the encoders' momentum after re-learning")
     p.add_argument("--no-probe", action="store_true", help="skip the linear probes on frozen encoder features")
 
 
@@ -95,7 +101,9 @@ def _config_from(args: argparse.Namespace, **extra):
         momentum=args.momentum, weight_decay=args.weight_decay, smoothing=args.smoothing, backend=args.backend,
         temperature=args.temperature, offset=args.offset, bias=args.bias, min_rate=args.min_rate,
         max_rate=args.max_rate, beta=args.beta, estimator_features=not args.no_estimator_features,
-        ogm_alpha=args.ogm_alpha, ogm_start=args.ogm_start, ogm_end=args.ogm_end, probe=not args.no_probe, **extra,
+        ogm_alpha=args.ogm_alpha, ogm_start=args.ogm_start, ogm_end=args.ogm_end, relearn_lam=args.relearn_lam,
+        relearn_every=args.relearn_every, relearn_times=args.relearn_times, relearn_reset_buffers=args.relearn_reset_buffers,
+        relearn_reset_optimizer=args.relearn_reset_optimizer, probe=not args.no_probe, **extra,
     )
 
 
@@ -208,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     from .training import METHODS
 
     train_p = sub.add_parser("train", help="train one method on one dataset split and report test metrics")
-    train_p.add_argument("--method", default="amss", help=f"one of {sorted(METHODS)}, masked ones optionally ':channel'")
+    train_p.add_argument("--method", default="amss", help=f"one of {sorted(METHODS)} or relearn+<masked one>; masked ones optionally ':channel'")
     train_p.add_argument("--seed", type=int, default=0)
     train_p.add_argument("--fold", type=int, default=0, help="watch: subject fold 0-4")
     train_p.add_argument("--json", default=None, help="write the run (config, history, metrics) to this file")
@@ -251,11 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "merge":
         return _run_merge(args, parser)
     elif args.command in ("train", "compare"):
-        from .training import MethodUnavailable
-
         try:
             return _run_train(args) if args.command == "train" else _run_compare(args)
-        except (ValueError, MethodUnavailable, ModuleNotFoundError, argparse.ArgumentTypeError) as exc:
+        except (ValueError, ModuleNotFoundError, argparse.ArgumentTypeError) as exc:
             # Bad input (dataset spec, method, fold, missing data package): one line, no traceback.
             parser.error(str(exc))
     elif args.command == "env":

@@ -153,17 +153,19 @@ def run_compare(
 
 
 def merge_comparisons(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One comparison from several of the same dataset and methods (e.g. folds run in separate processes).
+    """One comparison from several of the same dataset: folds or seeds run in separate processes,
+    or methods added to an earlier comparison.
 
-    Raises ``ValueError`` if the parts differ in dataset or methods, or if a (method, seed, fold) run
-    appears twice. Runs keep their order (part by part); seeds and folds are the sorted unions; the
-    summary is recomputed; ``total_wall_time_s`` is the sum of the parts'.
+    Raises ``ValueError`` if the parts differ in dataset or modalities, or if a (method, seed, fold)
+    run appears twice. Runs keep their order (part by part); methods are the union in first-seen
+    order; seeds and folds are the sorted unions; the summary is recomputed (paired differences
+    use the ``joint`` runs of any part); ``total_wall_time_s`` is the sum of the parts'.
     """
     if not parts:
         raise ValueError("Invalid parts: none; allowed: one or more comparisons")
     for i, part in enumerate(parts):
         validate_result(part)
-        for key in ("dataset", "methods", "modalities"):
+        for key in ("dataset", "modalities"):
             if part[key] != parts[0][key]:
                 raise ValueError(f"Invalid parts[{i}]: {key} {part[key]!r} differs from {parts[0][key]!r}; allowed: the same in every part")
     seen = set()
@@ -178,6 +180,7 @@ def merge_comparisons(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     merged = dict(parts[0])
     merged.update(
         runs=runs,
+        methods=list(dict.fromkeys(m for p in parts for m in p["methods"])),
         seeds=sorted({s for p in parts for s in p["seeds"]}),
         folds=sorted({f for p in parts for f in p["folds"]}),
         total_wall_time_s=sum(p["total_wall_time_s"] for p in parts),

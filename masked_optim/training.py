@@ -11,7 +11,8 @@ amss       importance-sampled masks, kept gradients unscaled (the paper's AMSS, 
 amss+      importance-sampled masks, kept gradients divided by ``q`` (exactly unbiased)
 amss+ref   the official code's sampler and weights: ``ceil(rho_m N)`` units drawn without
            replacement, scaled by ``1 / (pi_j + 1/N)`` (python reference path)
-relearn    Diagnosing & Re-learning: not in this release; the loop's ``on_epoch_end`` hook is its seam
+relearn    plain SGD with Diagnosing & Re-learning (SPEC §5) every ``relearn_every`` epochs;
+           ``relearn+<masked mode>`` (e.g. ``relearn+amss:channel``) combines it with a mask
 ========== =========================================================================================
 
 The keep rates of the masked methods come from :class:`~masked_optim.ModalSignificance` on the
@@ -26,7 +27,7 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +39,10 @@ from .metrics import accuracy, linear_probe_accuracy, macro_f1
 from .models import MultimodalNet, build_model, predict
 from .modulation import OGMGE
 from .optim import MaskedMultiModalSGD
+from .relearn import DiagnoseRelearn
 from .significance import ModalSignificance
 
-__all__ = ["TrainConfig", "METHODS", "DATASET_DEFAULTS", "parse_method", "train", "MethodUnavailable"]
+__all__ = ["TrainConfig", "METHODS", "DATASET_DEFAULTS", "parse_method", "method_spec", "train"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class _Method:
     sampler: str = "poisson"
     modulation: Optional[str] = None  # "ogm-ge" | "ogm"
     granularities: tuple[str, ...] = ("element", "channel")
-    unavailable: Optional[str] = None
+    relearn: bool = False
 
 
 METHODS: dict[str, _Method] = {
@@ -60,11 +62,10 @@ METHODS: dict[str, _Method] = {
     "amss": _Method("amss"),
     "amss+": _Method("amss+"),
     "amss+ref": _Method("amss+", sampler="multinomial"),
-    "relearn": _Method(
-        "none", granularities=("element",),
-        unavailable="Diagnosing & Re-learning (SPEC §5) is not in this release; train(..., on_epoch_end=...) is its hook",
-    ),
+    "relearn": _Method("none", granularities=("element",), relearn=True),
 }
+# Diagnosing & Re-learning combines with every masked mode: "relearn+amss", "relearn+amss:channel", ...
+RELEARN_PREFIX = "relearn+"
 
 # Per dataset family: epochs, learning rate and batch size. Synthetic: SPEC §8. mfeat and watch:
 # the learning rate is the one joint training does best with on the validation split (README,
@@ -76,22 +77,34 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-class MethodUnavailable(RuntimeError):
-    """The method is known but cannot run in this release (e.g. ``relearn``)."""
+def method_spec(name: str) -> _Method:
+    """The definition behind a method name (without granularity), ``relearn+<masked mode>`` included."""
+    if name.startswith(RELEARN_PREFIX):
+        base = METHODS.get(name[len(RELEARN_PREFIX):])
+        if base is None or base.mask == "none" or base.relearn:
+            masked = sorted(m for m, d in METHODS.items() if d.mask != "none")
+            raise ValueError(f"Invalid method: {name!r}; allowed after 'relearn+': one of {masked}")
+        return _Method(base.mask, base.sampler, base.modulation, base.granularities, relearn=True)
+    if name not in METHODS:
+        raise ValueError(
+            f"Invalid method: {name!r}; allowed: one of {sorted(METHODS)} or 'relearn+<masked mode>', optionally with ':channel'"
+        )
+    return METHODS[name]
 
 
 def parse_method(spec: str) -> tuple[str, str]:
-    """``"amss:channel"`` -> ``("amss", "channel")``; ``"amss"`` -> ``("amss", "element")``."""
+    """``"amss:channel"`` -> ``("amss", "channel")``; ``"amss"`` -> ``("amss", "element")``;
+    ``"relearn+amss:channel"`` -> ``("relearn+amss", "channel")``."""
     if not isinstance(spec, str):
         raise TypeError(f"Invalid method: {spec!r}; allowed: a str such as 'amss' or 'amss:channel'")
     name, _, granularity = spec.partition(":")
     granularity = granularity or "element"
-    if name not in METHODS:
-        raise ValueError(f"Invalid method: {spec!r}; allowed: one of {sorted(METHODS)}, optionally with ':channel'")
-    if granularity not in METHODS[name].granularities:
-        raise ValueError(
-            f"Invalid method: {spec!r}; allowed granularities for {name!r}: {list(METHODS[name].granularities)}"
-        )
+    try:
+        method = method_spec(name)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace(f"Invalid method: {name!r}", f"Invalid method: {spec!r}", 1)) from None
+    if granularity not in method.granularities:
+        raise ValueError(f"Invalid method: {spec!r}; allowed granularities for {name!r}: {list(method.granularities)}")
     return name, granularity
 
 
@@ -102,7 +115,8 @@ class TrainConfig:
     Estimator options (``temperature``, ``offset``, ``bias``, ``min_rate``, ``max_rate``, ``beta``)
     are :class:`~masked_optim.ModalSignificance`'s; ``estimator_features`` passes the encoder
     features so the rate uses the feature entropy (SPEC §3). ``ogm_*`` are OGM-GE's ``alpha``,
-    ``start``, ``end`` (epochs). ``data_seed`` draws the synthetic data; real datasets have fixed
+    ``start``, ``end`` (epochs). ``relearn_*`` are :class:`~masked_optim.DiagnoseRelearn`'s
+    ``lam``, ``every``, ``times``, ``reset_buffers`` and ``reset_optimizer_state``. ``data_seed`` draws the synthetic data; real datasets have fixed
     splits (SPEC §7).
     """
 
@@ -128,6 +142,11 @@ class TrainConfig:
     ogm_alpha: float = 0.8
     ogm_start: int = 0
     ogm_end: Optional[int] = None
+    relearn_lam: float = 3.0
+    relearn_every: int = 20
+    relearn_times: int = 3
+    relearn_reset_buffers: bool = False
+    relearn_reset_optimizer: bool = False
     probe: bool = True
 
     def resolved(self) -> "TrainConfig":
@@ -161,9 +180,7 @@ def _accuracies(out, labels: Tensor) -> dict[str, float]:
 
 def _build(config: TrainConfig, data: MultimodalSplits):
     name, granularity = parse_method(config.method)
-    method = METHODS[name]
-    if method.unavailable:
-        raise MethodUnavailable(f"Invalid method: {config.method!r}: {method.unavailable}")
+    method = method_spec(name)
     torch.manual_seed(config.seed)
     model = build_model(data.shapes, data.num_classes)
     optimizer = MaskedMultiModalSGD(
@@ -184,7 +201,20 @@ def _build(config: TrainConfig, data: MultimodalSplits):
             dict(model.encoders.items()), alpha=config.ogm_alpha, start=config.ogm_start, end=config.ogm_end,
             noise=method.modulation == "ogm-ge", seed=config.seed,
         )
-    return model, optimizer, estimator, modulation
+    relearner = None
+    if method.relearn:
+        relearner = DiagnoseRelearn(
+            dict(model.encoders.items()), lam=config.relearn_lam, every=config.relearn_every, times=config.relearn_times,
+            n_clusters=data.num_classes, reset_buffers=config.relearn_reset_buffers, optimizer=optimizer,
+            reset_optimizer_state=config.relearn_reset_optimizer, seed=config.seed,
+        )
+    return model, optimizer, estimator, modulation, relearner
+
+
+def _batches(split: tuple[Mapping[str, Tensor], Tensor], batch_size: int = 1024):
+    x, y = split
+    for i in range(0, y.shape[0], batch_size):
+        yield {m: v[i : i + batch_size] for m, v in x.items()}, y[i : i + batch_size]
 
 
 def train(
@@ -200,9 +230,9 @@ def train(
         config: the run (see :class:`TrainConfig`).
         data: the splits; loaded from ``config.dataset`` / ``fold`` / ``data_seed`` when None.
         progress: called after every epoch with ``{"epoch", "epochs", "val": {...}}``.
-        on_epoch_end: ``f(epoch, model, data, optimizer)`` after every epoch's validation; a dict it
-            returns is stored in that epoch's history under ``"hook"`` (the seam for Diagnosing &
-            Re-learning).
+        on_epoch_end: ``f(epoch, model, data, optimizer)`` after every epoch's validation, checkpoint
+            selection and re-learning; a dict it returns is stored in that epoch's history under
+            ``"hook"``.
 
     The result holds ``config`` (resolved), ``history`` (per epoch: train loss, mean keep rate,
     mean kept fraction and estimator fallback share per modality, validation accuracies),
@@ -219,7 +249,7 @@ def train(
     config = config.resolved()
     if data is None:
         data = load_dataset(config.dataset, fold=config.fold, seed=config.data_seed)
-    model, optimizer, estimator, modulation = _build(config, data)
+    model, optimizer, estimator, modulation, relearner = _build(config, data)
     modalities = model.modalities
     x_train, y_train = data.train
     n_train = y_train.shape[0]
@@ -288,14 +318,20 @@ def train(
             "fallback_fraction": fallbacks / max(steps, 1),
             "val": val,
         }
+        if val["fused"] > best_acc:
+            best_epoch, best_acc = epoch, val["fused"]
+            best_state = copy.deepcopy(model.state_dict())
+        # Interventions on the weights come after this epoch's validation and checkpoint selection.
+        if relearner is not None:
+            # Diagnosis reads the training and validation splits only, never the test split.
+            diagnosis = relearner.maybe_step(epoch, _batches(data.train), _batches(data.val))
+            if diagnosis is not None:
+                row["relearn"] = diagnosis.as_dict()
         if on_epoch_end is not None:
             extra = on_epoch_end(epoch, model, data, optimizer)
             if extra is not None:
                 row["hook"] = extra
         history.append(row)
-        if val["fused"] > best_acc:
-            best_epoch, best_acc = epoch, val["fused"]
-            best_state = copy.deepcopy(model.state_dict())
         if progress is not None:
             progress({"epoch": epoch, "epochs": config.epochs, "val": val, "train_loss": row["train_loss"]})
     wall = time.perf_counter() - start

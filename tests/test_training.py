@@ -20,9 +20,10 @@ from masked_optim.compare import (
 )
 from masked_optim.data import modality_competition
 from masked_optim.models import Conv1dEncoder, MLPEncoder, build_model
-from masked_optim.training import METHODS, MethodUnavailable, TrainConfig, parse_method, train
+from masked_optim.relearn import DiagnoseRelearn
+from masked_optim.training import METHODS, TrainConfig, method_spec, parse_method, train
 
-RUNNABLE = [m for m, spec in METHODS.items() if spec.unavailable is None]
+RUNNABLE = list(METHODS) + ["relearn+amss", "relearn+uniform:channel"]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_every_method_trains_and_reports(tiny, method):
     assert set(r["test"]["slice_accuracy"]) == {"a", "b"} == set(r["test"]["probe_accuracy"])
     for key in ("accuracy", "macro_f1"):
         assert 0.0 <= r["test"][key] <= 1.0
-    masked = METHODS[parse_method(method)[0]].mask != "none"
+    masked = method_spec(parse_method(method)[0]).mask != "none"
     for row in r["history"]:
         for m in ("a", "b"):
             if masked:  # the estimator's clamps (0.1, 0.9) or its 0.5 fallback
@@ -83,14 +84,38 @@ def test_divergence_stops_the_run_and_keeps_finite_metrics(tiny):
     assert math.isfinite(r["test"]["accuracy"])
 
 
-def test_relearn_is_a_named_hook_not_a_silent_no_op(tiny):
-    with pytest.raises(MethodUnavailable, match="relearn.*on_epoch_end"):
-        run(tiny, "relearn")
+@pytest.mark.parametrize("method", ["relearn", "relearn+amss:channel"])
+def test_relearn_fires_on_schedule_and_reads_only_train_and_val(tiny, method, monkeypatch):
+    seen = []
+    original = DiagnoseRelearn.extract
+
+    def extract(self, loader):
+        feats, labels = original(self, loader)
+        seen.append(labels)
+        return feats, labels
+
+    monkeypatch.setattr(DiagnoseRelearn, "extract", extract)
+    r = run(tiny, method, epochs=5, relearn_every=2, relearn_times=1)
+    fired = [row["epoch"] for row in r["history"] if "relearn" in row]
+    assert fired == [2]  # every 2 epochs, at most once
+    d = r["history"][1]["relearn"]
+    for m in ("a", "b"):
+        assert 0.0 <= d["train_purity"][m] <= 1.0 and 0.0 <= d["val_purity"][m] <= 1.0
+        assert d["alpha"][m] == pytest.approx(math.tanh(3.0 * abs(d["train_purity"][m] - d["val_purity"][m])), abs=1e-15)
+    # one diagnosis = one pass over the training split and one over the validation split, never the test split
+    assert len(seen) == 2 and torch.equal(seen[0], tiny.train[1]) and torch.equal(seen[1], tiny.val[1])
+
+
+def test_relearn_changes_the_run_only_after_it_fires(tiny):
+    joint, relearn = run(tiny, "joint", epochs=3), run(tiny, "relearn", epochs=3, relearn_every=2)
+    assert joint["history"][:2] == [{k: v for k, v in row.items() if k != "relearn"} for row in relearn["history"][:2]]
+    assert joint["history"][2] != relearn["history"][2]
 
 
 @pytest.mark.parametrize(
     "spec, pattern",
-    [("bogus", "Invalid method: 'bogus'"), ("joint:channel", "granularities for 'joint'"), ("amss:row", "amss:row")],
+    [("bogus", "Invalid method: 'bogus'"), ("joint:channel", "granularities for 'joint'"), ("amss:row", "amss:row"),
+     ("relearn+joint", "allowed after 'relearn\\+'"), ("relearn+amss:row", "relearn\\+amss:row")],
 )
 def test_parse_method_errors(spec, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -242,7 +267,7 @@ def test_cli_train_writes_json(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "args, pattern",
-    [(["train", "--dataset", "nope"], "nope"), (["train", "--method", "relearn", "--dataset", "synthetic:xor"], "relearn"),
+    [(["train", "--dataset", "nope"], "nope"), (["train", "--method", "relearn+ogm-ge", "--dataset", "synthetic:xor"], "relearn+ogm-ge"),
      (["compare", "--dataset", "synthetic:xor", "--folds", "x"], "--folds"), (["compare", "--seeds", "0"], "--seeds")],
 )
 def test_cli_errors_are_one_line(args, pattern, capsys):
