@@ -213,7 +213,7 @@ def _lloyd(x: Tensor, x_sq: Tensor, centers: Tensor, max_iter: int, tol: float) 
         empty = counts == 0
         new_centers = sums / counts.clamp_min(1).to(torch.float64)[:, None]
         n_empty = int(empty.sum())
-        if False:
+        if n_empty:
             order = torch.sort(dist, descending=True, stable=True).indices[:n_empty]
             empty_idx = torch.nonzero(empty)[:, 0]
             new_centers[empty_idx] = x[order]

@@ -175,10 +175,13 @@ def test_kmeans_empty_clusters_and_k_equal_n():
     assert sorted(res.labels.tolist()) == list(range(9)) and res.inertia == 0.0
     # An initialisation that leaves a cluster empty: centre 2 is far from everything, so it is
     # re-seeded at the sample farthest from its centre, and the final labelling uses all 3.
-    x = torch.tensor([[0.0], [0.1], [0.2], [10.0], [10.1], [10.2]], dtype=torch.float64)
-    res = kmeans(x, 3, init=torch.tensor([[0.1], [5.0], [1000.0]], dtype=torch.float64))
-    assert ((res.labels >= 0) & (res.labels < 3)).all()
-    assert set(res.labels.tolist()) == {0, 1, 2}
+    # Iteration 1: cluster 2 is empty; the sample farthest from its centre is 110.2 (5.2 from
+    # 105), which becomes centre 2. Then: {100, 100.1, 100.2}, {110, 110.1}, {110.2}.
+    x = torch.tensor([[100.0], [100.1], [100.2], [110.0], [110.1], [110.2]], dtype=torch.float64)
+    res = kmeans(x, 3, init=torch.tensor([[100.1], [105.0], [1000.0]], dtype=torch.float64))
+    assert res.labels.tolist() == [0, 0, 0, 1, 1, 2]
+    expected = torch.tensor([[100.1], [110.05], [110.2]], dtype=torch.float64)
+    torch.testing.assert_close(res.centers, expected, rtol=0, atol=1e-12)
     # k = 1: the mean.
     res = kmeans(x, 1)
     assert torch.equal(res.labels, torch.zeros(6, dtype=torch.int64))
@@ -186,36 +189,82 @@ def test_kmeans_empty_clusters_and_k_equal_n():
 
 
 def _reference_lloyd(x: np.ndarray, centers: np.ndarray, max_iter: int = 100, tol: float = 1e-6):
-    """Plain numpy Lloyd: direct squared distances, first centre on ties, no empty clusters expected."""
+    """Plain numpy Lloyd (direct squared distances, first centre on ties, no empty clusters
+    expected), stopping like scikit-learn: labels repeat, or centre shift <= tol * mean variance,
+    or max_iter; unless the labels repeated, a final assignment to the last centres."""
     threshold = tol * x.var(axis=0).mean()
     labels_old = None
-    for _ in range(max_iter):
+    for it in range(1, max_iter + 1):
         d2 = ((x[:, None, :] - centers[None, :, :]) ** 2).sum(axis=2)
         labels = d2.argmin(axis=1)
         new = np.stack([x[labels == j].mean(axis=0) for j in range(centers.shape[0])])
         shift = ((new - centers) ** 2).sum()
         centers = new
         if labels_old is not None and np.array_equal(labels, labels_old):
-            return labels, centers
+            return labels, centers, it
         if shift <= threshold:
             break
         labels_old = labels
     d2 = ((x[:, None, :] - centers[None, :, :]) ** 2).sum(axis=2)
-    return d2.argmin(axis=1), centers
+    return d2.argmin(axis=1), centers, it
 
 
-@pytest.mark.parametrize("k,d,seed", [(3, 2, 0), (5, 4, 1), (8, 6, 2)])
-def test_kmeans_matches_numpy_reference(k, d, seed):
+@pytest.mark.parametrize(
+    "k,d,seed,max_iter,tol",
+    [(3, 2, 0, 100, 1e-6), (5, 4, 1, 100, 1e-6), (8, 6, 2, 100, 0.0), (5, 3, 3, 2, 1e-6), (6, 2, 4, 100, 1e-3)],
+)
+def test_kmeans_matches_numpy_reference(k, d, seed, max_iter, tol):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(300, d)) + rng.normal(scale=3.0, size=(1, d)) * rng.integers(0, 3, size=(300, 1))
     init = x[rng.choice(300, size=k, replace=False)]
-    ref_labels, ref_centers = _reference_lloyd(x, init.copy())
-    res = kmeans(torch.from_numpy(x), k, init=torch.from_numpy(init), n_init=5, seed=99)
+    ref_labels, ref_centers, ref_iter = _reference_lloyd(x, init.copy(), max_iter=max_iter, tol=tol)
+    res = kmeans(torch.from_numpy(x), k, init=torch.from_numpy(init), n_init=5, seed=99, max_iter=max_iter, tol=tol)
     assert np.array_equal(res.labels.numpy(), ref_labels)
     np.testing.assert_allclose(res.centers.numpy(), ref_centers, rtol=0, atol=1e-12)
-    # init runs once: seed / n_init play no part.
-    again = kmeans(torch.from_numpy(x).float(), k, init=torch.from_numpy(init))
-    assert again.n_iter >= 1
+    assert res.n_iter == ref_iter
+    diff = x - ref_centers[ref_labels]
+    assert res.inertia == pytest.approx(float((diff**2).sum()), rel=1e-12)
+
+
+def test_kmeans_stops_early_with_labels_of_nearest_centres():
+    x, _ = _blobs(n_per=30, k=5, d=4, spread=2.0, sep=4.0)
+    init = x[:5].clone()
+    full = kmeans(x, 5, init=init)
+    assert full.n_iter > 2
+    # A huge tol stops after one iteration; max_iter=2 after two. Either way the returned labels
+    # are those of the nearest returned centre (a final assignment step), not the stale ones.
+    for res, n_iter in ((kmeans(x, 5, init=init, tol=1e9), 1), (kmeans(x, 5, init=init, max_iter=2), 2)):
+        assert res.n_iter == n_iter
+        d2 = ((x[:, None, :] - res.centers[None]) ** 2).sum(dim=2)
+        assert torch.equal(res.labels, d2.argmin(dim=1))
+        diff = x - res.centers[res.labels]
+        assert res.inertia == pytest.approx(float((diff**2).sum()), rel=1e-12)
+
+
+def test_kmeans_restarts_share_the_first_draw(monkeypatch):
+    """Run 1 of n_init=10 starts from the same k-means++ centres as the n_init=1 run."""
+    import masked_optim.clustering as clustering
+
+    starts = []
+    real = clustering._lloyd
+
+    def recording(x, x_sq, centers, max_iter, tol):
+        starts.append(centers.clone())
+        return real(x, x_sq, centers, max_iter, tol)
+
+    monkeypatch.setattr(clustering, "_lloyd", recording)
+    x, _ = _blobs(n_per=25, k=6, d=2, spread=3.0, sep=3.0)
+    for seed in (0, 4):
+        starts.clear()
+        kmeans(x, 6, n_init=1, seed=seed)
+        kmeans(x, 6, n_init=10, seed=seed)
+        assert len(starts) == 11
+        assert torch.equal(starts[0], starts[1])
+        assert not torch.equal(starts[1], starts[2])  # the restarts draw anew
+        # Every start is a k-means++ draw: k distinct samples of x.
+        for c in starts:
+            assert all(bool((x == row).all(dim=1).any()) for row in c)
+            assert torch.unique(c, dim=0).shape[0] == 6
 
 
 def test_kmeans_large_chunked():

@@ -219,6 +219,11 @@ def test_merge_of_parts_equals_the_whole(comparison, tmp_path, capsys):
     validate_result(merged)
     with pytest.raises(ValueError, match="appears twice"):
         merge_comparisons([a, a])
+    # adding methods to an earlier comparison: Δ pairs with the joint runs of the other part
+    by_method = [dict(comparison, runs=[r for r in comparison["runs"] if (r["config"]["method"] == "joint") == keep],
+                      methods=ms) for keep, ms in ((True, ["joint"]), (False, ["amss", "ogm-ge"]))]
+    added = merge_comparisons(by_method)
+    assert added["methods"] == ["joint", "amss", "ogm-ge"] and added["summary"] == comparison["summary"]
     with pytest.raises(ValueError, match=r"parts\[1\]: dataset 'synthetic:parity3'"):
         merge_comparisons([a, dict(b, dataset="synthetic:parity3")])
     paths = []
