@@ -143,3 +143,42 @@ def test_relearn_validation():
         dr.relearn({"a": 1.5})
     with pytest.raises(ValueError, match="modality 'c'"):
         dr.relearn({"c": 0.1})
+
+
+def _ddp_worker(rank, world, port, feats, labels, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        dr = DiagnoseRelearn(encoders())
+        shard = slice(rank, None, world)  # each rank holds every other sample
+        d = dr.diagnose_features(({"a": feats[shard], "b": feats[shard]}, labels[shard]),
+                                 ({"a": feats[shard], "b": -feats[shard]}, labels[shard]))
+        out[rank] = (d.train_purity, d.val_purity, d.alpha)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_ranks_gather_features_and_agree():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(3)
+    labels = torch.arange(60) % 3
+    feats = torch.randn(60, 5, generator=g) + 2.0 * torch.nn.functional.one_hot(labels, 5).double()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_ddp_worker, args=(2, port, feats, labels, out), nprocs=2, join=True)
+    assert out[0] == out[1]  # every rank computes the same alpha
+    # ... from all the samples: rank order of the gathered rows is [rank 0 shard; rank 1 shard]
+    order = torch.cat([torch.arange(0, 60, 2), torch.arange(1, 60, 2)])
+    full = DiagnoseRelearn(encoders()).diagnose_features(
+        ({"a": feats[order], "b": feats[order]}, labels[order]), ({"a": feats[order], "b": -feats[order]}, labels[order])
+    )
+    assert out[0] == (full.train_purity, full.val_purity, full.alpha)
