@@ -55,7 +55,7 @@ def environment() -> dict[str, str]:
     return info
 
 
-DEFAULT_METHODS = "joint,ogm-ge,uniform,uniform:channel,amss,amss:channel,amss+,amss+:channel,amss+ref"
+DEFAULT_METHODS = "joint,ogm-ge,uniform,uniform:channel,amss,amss:channel,amss+,amss+:channel,amss+ref,relearn,relearn+amss"
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
