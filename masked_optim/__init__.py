@@ -6,6 +6,7 @@ from .fusion import ConcatFusion, FusionOutput, modality_param_groups, slice_log
 from .models import MultimodalNet, build_model
 from .modulation import OGMGE, ModulationStats
 from .optim import MaskedMultiModalSGD, ModalityStats, StepStats
+from .relearn import DiagnoseRelearn, Diagnosis
 from .significance import ModalSignificance, SignificanceStats
 from .training import TrainConfig, train
 
@@ -25,6 +26,8 @@ __all__ = [
     "masked_gradient",
     "BackendUnavailable",
     "OGMGE",
+    "DiagnoseRelearn",
+    "Diagnosis",
     "ModulationStats",
     "MultimodalNet",
     "build_model",

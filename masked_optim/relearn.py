@@ -202,9 +202,19 @@ class DiagnoseRelearn:
             alpha[m] = math.tanh(self.lam * abs(p_tr[m] - p_va[m]))
         return Diagnosis(epoch, p_tr, p_va, alpha)
 
-    def diagnose(self, train_loader: Iterable, val_loader: Iterable, epoch: Optional[int] = None) -> Diagnosis:
-        """Extract features of both splits (the validation split must be held out: never the test split)."""
-        return self.diagnose_features(self.extract(train_loader), self.extract(val_loader), epoch)
+    def diagnose(self, train: Any, val: Any, epoch: Optional[int] = None) -> Diagnosis:
+        """Purities and ``alpha`` of each modality; does not change the encoders.
+
+        ``train`` and ``val`` are each either a loader (an iterable of ``({m: x_m}, labels)``
+        batches, whose encoder features are extracted) or features already extracted, given as
+        the pair ``({m: z_m}, labels)``. The validation split must be held out: never the test split.
+        """
+        return self.diagnose_features(self._features(train), self._features(val), epoch)
+
+    def _features(self, split: Any) -> tuple[dict[str, Tensor], Tensor]:
+        if isinstance(split, tuple) and len(split) == 2 and isinstance(split[0], Mapping) and isinstance(split[1], Tensor):
+            return dict(split[0]), split[1]
+        return self.extract(split)
 
     # --- re-learning -----------------------------------------------------------------------
 
@@ -236,8 +246,10 @@ class DiagnoseRelearn:
                 else:
                     del self.optimizer.state[p]
 
-    def maybe_step(self, epoch: int, train_loader: Iterable, val_loader: Iterable) -> Optional[Diagnosis]:
+    def maybe_step(self, epoch: int, train: Any, val: Any) -> Optional[Diagnosis]:
         """After epoch ``epoch`` (counted from 1): diagnose and re-learn if the schedule says so.
+
+        ``train`` / ``val``: loaders or feature pairs, as :meth:`diagnose`.
 
         Fires when ``epoch % every == 0`` and it has fired fewer than ``times`` times; returns the
         applied :class:`Diagnosis` (also appended to :attr:`history`), or None.
@@ -245,7 +257,7 @@ class DiagnoseRelearn:
         _check_int("epoch", epoch, lambda v: v >= 1, "an int >= 1")
         if epoch % self.every or self.fired >= self.times:
             return None
-        d = self.diagnose(train_loader, val_loader, epoch)
+        d = self.diagnose(train, val, epoch)
         self.relearn(d.alpha)
         self.fired += 1
         d = Diagnosis(d.epoch, d.train_purity, d.val_purity, d.alpha, applied=True)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from masked_optim import MaskedMultiModalSGD, modality_param_groups
-from masked_optim.relearn import DiagnoseRelearn
+from masked_optim import DiagnoseRelearn
 
 
 def encoders():
@@ -35,10 +35,21 @@ def test_purity_and_alpha_on_a_hand_computed_example():
     y_train = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     y_val = torch.tensor([0, 0, 0, 1, 1, 1, 1, 0])
     dr = DiagnoseRelearn(encoders(), lam=3.0)
-    d = dr.diagnose_features(({"a": far, "b": far}, y_train), ({"a": far, "b": far}, y_val))
+    d = dr.diagnose(({"a": far, "b": far}, y_train), ({"a": far, "b": far}, y_val))  # features given directly
     assert d.train_purity == {"a": 1.0, "b": 1.0}
     assert d.val_purity == {"a": 0.75, "b": 0.75}
     assert d.alpha["a"] == math.tanh(3.0 * 0.25)
+    assert not d.applied and dr.fired == 0  # diagnosing changes nothing
+
+
+def test_diagnose_from_loaders_equals_diagnose_from_extracted_features():
+    encs = encoders()
+    dr = DiagnoseRelearn(encs)
+    g = torch.Generator().manual_seed(1)
+    x = {"a": torch.randn(30, 4, generator=g), "b": torch.randn(30, 3, generator=g)}
+    y = torch.arange(30) % 3
+    loader = [({m: v[:16] for m, v in x.items()}, y[:16]), ({m: v[16:] for m, v in x.items()}, y[16:])]
+    assert dr.diagnose(loader, loader) == dr.diagnose(dr.extract(loader), dr.extract(loader))
 
 
 def test_relearn_interpolates_exactly_and_touches_only_the_given_encoders():
