@@ -21,6 +21,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .metrics import _check_labels as _check_class_labels
+
 __all__ = ["KMeansResult", "scale_to_unit", "kmeans", "purity", "cluster_purity"]
 
 # Upper bound on the elements of one (rows, k) block of distances / one-hot memberships
@@ -46,10 +48,6 @@ class KMeansResult(NamedTuple):
 # ------------------------------------------------------------------------------------ validation
 
 
-def _is_int_tensor(t: Tensor) -> bool:
-    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
-
-
 def _check_features(name: str, x) -> Tensor:
     if not isinstance(x, Tensor) or x.dim() != 2 or not x.dtype.is_floating_point:
         what = f"shape {tuple(x.shape)} dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
@@ -71,13 +69,7 @@ def _check_int(name: str, value, lo: int, hi: Optional[int] = None) -> int:
 
 
 def _check_labels(name: str, labels, length: Optional[int] = None) -> Tensor:
-    if not isinstance(labels, Tensor) or labels.dim() != 1 or not _is_int_tensor(labels):
-        what = f"shape {tuple(labels.shape)} dtype {labels.dtype}" if isinstance(labels, Tensor) else type(labels).__name__
-        raise ValueError(f"Invalid {name}: {what}; allowed: a 1-D integer tensor")
-    if labels.numel() == 0:
-        raise ValueError(f"Invalid {name}: empty; allowed: at least one sample")
-    if length is not None and labels.shape[0] != length:
-        raise ValueError(f"Invalid {name}: {labels.shape[0]} samples; allowed: {length}, as many as the other input")
+    labels = _check_class_labels(name, labels, length)
     lo = int(labels.min())
     if lo < 0:
         raise ValueError(f"Invalid {name}: value {lo}; allowed: non-negative integers")

@@ -1,7 +1,6 @@
 """Clustering diagnosis of SPEC §5: scaling, k-means and purity against hand-computed values
 and a numpy reference Lloyd."""
 
-import itertools
 
 import numpy as np
 import pytest
