@@ -69,6 +69,12 @@ class ModalSignificance:
         min_rate, max_rate: clamp bounds, ``0 < min_rate <= max_rate <= 1`` (defaults 0.1, 0.9).
         beta: EMA factor in [0, 1) for :math:`r_m` across calls (default 0: per batch, as the
             paper): :math:`\bar r \leftarrow \beta \bar r + (1 - \beta) r`, starting at the first r.
+        sync_distributed: under an initialised ``torch.distributed`` with more than one rank
+            (default True), the label histogram and the sums of cross-entropies and feature
+            entropies are all-reduced (one call, SPEC §3) before the rates are computed, so every
+            rank gets the rates of the global batch. Every rank must then call the estimator at
+            the same steps, with the modalities in the same order and the same number of classes.
+        process_group: the group to reduce over (default: the whole world).
 
     Calling it returns ``{modality: rate}`` as python floats (one host synchronisation), ready for
     :meth:`MaskedMultiModalSGD.set_rates`; :attr:`last` holds the :class:`SignificanceStats`.
@@ -82,7 +88,13 @@ class ModalSignificance:
         min_rate: float = 0.1,
         max_rate: float = 0.9,
         beta: float = 0.0,
+        sync_distributed: bool = True,
+        process_group=None,
     ) -> None:
+        if not isinstance(sync_distributed, bool):
+            raise TypeError(f"Invalid sync_distributed: {sync_distributed!r}; allowed: True or False")
+        self.sync_distributed = sync_distributed
+        self.process_group = process_group
         self.temperature = _check("temperature", temperature, temperature > 0, "a number > 0")
         self.offset = _check("offset", offset, True, "a finite number")
         self.bias = _check("bias", bias, True, "a finite number")
@@ -107,6 +119,22 @@ class ModalSignificance:
     def reset(self) -> None:
         """Forget the EMA."""
         self._ema = None
+
+    def _distributed(self) -> bool:
+        import torch.distributed as dist
+
+        return (
+            self.sync_distributed and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size(self.process_group) > 1
+        )
+
+    def _all_reduce(self, *stats: Tensor) -> tuple[Tensor, ...]:
+        """Sums of the statistics over the ranks of ``process_group``, in one all-reduce."""
+        import torch.distributed as dist
+
+        flat = torch.cat([t.reshape(-1) for t in stats])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
+        return tuple(flat.split([t.numel() for t in stats]))
 
     @staticmethod
     def _validate(logits: Mapping[str, Tensor], labels: Tensor, features: Optional[Mapping[str, Tensor]]):
@@ -149,16 +177,21 @@ class ModalSignificance:
         names = list(logits)
         labels = labels.long()
         counts = torch.bincount(labels.reshape(-1), minlength=num_classes).double()
-        p = counts / counts.sum()
-        h_y = -(torch.where(p > 0, p * p.log(), 0.0)).sum()
         ce = torch.stack([F.cross_entropy(logits[m].double(), labels) for m in names])
-        mi = h_y - ce
         if features is not None:
             ent = torch.stack(
                 [-(F.softmax(features[m].double(), -1) * F.log_softmax(features[m].double(), -1)).sum(-1).mean() for m in names]
             )
         else:
-            ent = torch.ones_like(mi)
+            ent = torch.ones_like(ce)
+        if self._distributed():
+            # Batch means -> sums, summed over ranks, -> means of the global batch.
+            local = float(labels.shape[0])
+            counts, ce_sum, ent_sum = self._all_reduce(counts, ce * local, ent * local)
+            ce, ent = ce_sum / counts.sum(), (ent_sum / counts.sum() if features is not None else ent)
+        p = counts / counts.sum()
+        h_y = -(torch.where(p > 0, p * p.log(), 0.0)).sum()
+        mi = h_y - ce
         # One transfer of every statistic: the only host synchronisation of the call.
         h_y, ce_l, mi_l, ent_l = torch.cat([h_y.reshape(1), ce, mi, ent]).cpu().split([1, len(names), len(names), len(names)])
         h_y = float(h_y)
