@@ -13,12 +13,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import time
 
 import torch
 
+from masked_optim.benchmark import machine
 from masked_optim.data import load_dataset, num_folds
 from masked_optim.training import TrainConfig, train
 
@@ -49,7 +49,7 @@ def main() -> None:
                   f"({len(accs)} runs, best epochs {min(epochs)}-{max(epochs)}, {row['seconds']:.0f} s)", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump({"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+        json.dump({"date": datetime.date.today().isoformat(), "machine": machine()["cpu"],
                    "torch": torch.__version__, "rows": rows}, fh, indent=1)
     print(f"wrote {args.out}")
 

@@ -63,26 +63,16 @@ class _Progress:
 
 def _environment() -> dict[str, str]:
     from . import __version__
+    from .benchmark import machine
 
     return {
         "masked_optim": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "processor": _cpu_name(),
+        "processor": machine()["cpu"] or "unknown",
         "cpu_threads": str(torch.get_num_threads()),
     }
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _parse_folds(dataset: str, folds: Optional[Iterable[int]]) -> list[int]:

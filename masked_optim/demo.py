@@ -9,14 +9,11 @@ from torch import nn
 
 from .data import modality_competition
 from .fusion import ConcatFusion, modality_param_groups
+from .models import MLPEncoder
 from .optim import MaskedMultiModalSGD
 from .significance import ModalSignificance
 
 __all__ = ["run_demo"]
-
-
-def _encoder(d_in: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(d_in, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU())
 
 
 @torch.no_grad()
@@ -68,7 +65,7 @@ def _train(epochs, mask, granularity, n, setting, seed, batch_size, lr, print_fn
         print_fn = lambda *_: None  # noqa: E731
     torch.manual_seed(seed)
     data = modality_competition(setting, n=n, seed=seed)
-    encoders = nn.ModuleDict({m: _encoder(d) for m, d in data.dims.items()})
+    encoders = nn.ModuleDict({m: MLPEncoder(d, (128,), 64) for m, d in data.dims.items()})
     head = ConcatFusion({m: 64 for m in encoders}, data.num_classes)
     opt = MaskedMultiModalSGD(
         modality_param_groups(encoders, shared=head),

@@ -287,7 +287,8 @@ def train(
             rate_steps += 1
             if modulation is not None:
                 modulation.apply({m: o.detach() for m, o in out.modality_logits.items()}, yb, epoch - 1)
-            if not math.isfinite(loss.item()):
+            loss_value = loss.item()  # the loop's one read of the loss (a host sync on GPU)
+            if not math.isfinite(loss_value):
                 diverged_at = epoch
                 break
             try:
@@ -304,7 +305,7 @@ def train(
                 for m in modalities:
                     rate_sum[m] += 1.0
                     kept_sum[m] += 1.0
-            loss_sum += loss.item()
+            loss_sum += loss_value
             steps += 1
         steps_total += steps
         if diverged_at is not None:
