@@ -23,7 +23,8 @@ dtype, so that with masking off the update is bit-identical to ``torch.optim.SGD
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -39,12 +40,29 @@ __all__ = [
     "unit_scores",
     "inclusion_scalars",
     "multinomial_keep_count",
+    "ShardSpec",
 ]
 
 MASKS = ("none", "uniform", "amss", "amss+")
 GRANULARITIES = ("element", "channel")
 SAMPLERS = ("poisson", "multinomial")
 WATERFILL_MAX_ITER = 4
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Where a local tensor sits in a tensor sharded along dim 0 (FSDP), for an exact sharded step.
+
+    ``unit_offset``: global index of the first local unit; ``num_units``: units of the whole
+    tensor; ``all_reduce(t, op)``: reduces the small tensor ``t`` over the shards (``op`` is
+    ``"sum"`` or ``"max"``), in place, and returns it. With it, the per-tensor scalars are those
+    of the whole tensor and each unit draws its global uniform, so every shard applies its part of
+    the unsharded mask (up to the rounding of a sum taken in another order).
+    """
+
+    unit_offset: int
+    num_units: int
+    all_reduce: Callable[[Tensor, str], Tensor]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -72,7 +90,11 @@ def unit_scores(grad: Tensor, granularity: str) -> Tensor:
 
 
 def inclusion_scalars(
-    scores: Tensor, rate: float, smoothing: float, max_iter: int = WATERFILL_MAX_ITER
+    scores: Tensor,
+    rate: float,
+    smoothing: float,
+    max_iter: int = WATERFILL_MAX_ITER,
+    shard: Optional[ShardSpec] = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-tensor scalars ``(alpha, beta)`` with ``q_j = min(1, alpha * s_j + beta)`` (SPEC §2.3).
 
@@ -84,23 +106,33 @@ def inclusion_scalars(
     The iteration runs a fixed number of rounds without host synchronisation: ``c`` never
     decreases, the saturated set only grows, and once it stops growing ``c`` is recomputed from
     the same set, so extra rounds change nothing (identical to stopping early).
+
+    With ``shard``, ``scores`` are the local units of a sharded tensor and every sum and maximum
+    is reduced over the shards (``2 + max_iter`` reductions of at most two numbers).
     """
-    n = scores.numel()
+    n = scores.numel() if shard is None else shard.num_units
     if n == 0:
         return scores.new_zeros(()), scores.new_zeros(())
     gamma = float(smoothing)
     budget = float(rate) * n
-    total = scores.sum()
+    total = scores.sum() if shard is None else shard.all_reduce(scores.sum(), "sum")
     has_signal = total > 0
     pi = torch.where(has_signal, scores / total, 1.0 / n)
     pt = pi * (1.0 - gamma) + gamma / n
     c = scores.new_full((), budget)  # a fill, not a host-to-device copy
-    nothing_saturates = pt.max() * budget <= 1.0
+    if shard is None:
+        pt_max = pt.max()
+    else:
+        pt_max = shard.all_reduce(pt.max() if pt.numel() else pt.new_zeros(()), "max")
+    nothing_saturates = pt_max * budget <= 1.0
     c_iter = c
     for _ in range(max_iter):
         saturated = pt * c_iter >= 1.0
         rest = torch.where(saturated, 0.0, pt).sum()
-        free = budget - saturated.sum().to(scores.dtype)
+        count = saturated.sum().to(scores.dtype)
+        if shard is not None:
+            rest, count = shard.all_reduce(torch.stack([rest, count]), "sum").unbind()
+        free = budget - count
         c_iter = torch.where(rest > 0, free / rest, math.inf)
     c = torch.where(nothing_saturates, c, c_iter)
     # pt_j * c == alpha * s_j + beta, with the "no signal" case folded into beta.
@@ -138,6 +170,7 @@ def masked_gradient(
     sampler: str = "poisson",
     unbiased: Optional[bool] = None,
     max_iter: int = WATERFILL_MAX_ITER,
+    shard: Optional[ShardSpec] = None,
 ) -> tuple[Tensor, Union[Tensor, int]]:
     """The masked gradient ``g~`` of SPEC §2.5 and the number of units kept.
 
@@ -146,15 +179,23 @@ def masked_gradient(
     (:func:`masked_optim.rng.derive_key`). The count is a 0-d int64 tensor on the gradient's
     device when units were sampled; with ``mask="none"`` or ``rate >= 1`` the gradient is returned
     unchanged and the count is the python int ``N`` (no device work on the dense path).
+
+    ``shard`` (:class:`ShardSpec`): ``grad`` is the local shard (along dim 0) of a larger tensor;
+    the result is the local part of the whole tensor's masked gradient and the count is local.
     """
     cdtype = _compute_dtype(grad.dtype)
     g = grad.to(cdtype)
     n = _num_units(grad.shape, granularity)
-    if mask == "none" or rate >= 1.0 or n == 0:
+    if mask == "none" or rate >= 1.0 or (n == 0 if shard is None else shard.num_units == 0):
         return g, n
     if unbiased is None:
         unbiased = mask == "amss+"
-    u = philox_uniform(key, n, device=grad.device)
+    if shard is not None and sampler == "multinomial":
+        raise ValueError(
+            "Invalid sampler='multinomial' for a sharded (FSDP) tensor; allowed: 'poisson' (the "
+            "multinomial sampler needs a global top-k over the whole tensor)"
+        )
+    u = philox_uniform(key, n, device=grad.device, offset=0 if shard is None else shard.unit_offset)
 
     if sampler == "multinomial":
         if mask == "uniform":
@@ -180,7 +221,7 @@ def masked_gradient(
             q = torch.full((n,), float(rate), dtype=cdtype, device=grad.device)
         else:
             scores = unit_scores(g, granularity)
-            alpha, beta = inclusion_scalars(scores, rate, smoothing, max_iter)
+            alpha, beta = inclusion_scalars(scores, rate, smoothing, max_iter, shard)
             q = (scores * alpha + beta).clamp_max(1.0)
         keep = u.to(cdtype) < q
         scale = 1.0 / q if unbiased else None
@@ -212,6 +253,7 @@ def _single_tensor_masked_sgd(
     sampler: str,
     unbiased: Optional[bool],
     max_iter: int,
+    shards: Optional[list[Optional[ShardSpec]]],
 ) -> list[Union[Tensor, int]]:
     kept_counts = []
     for i, param in enumerate(params):
@@ -226,6 +268,7 @@ def _single_tensor_masked_sgd(
             sampler=sampler,
             unbiased=unbiased,
             max_iter=max_iter,
+            shard=None if shards is None else shards[i],
         )
         kept_counts.append(kept)
         # torch.optim.SGD's single-tensor update, op for op, in the compute dtype.
@@ -273,6 +316,7 @@ def masked_sgd(
     sampler: str = "poisson",
     unbiased: Optional[bool] = None,
     max_iter: int = WATERFILL_MAX_ITER,
+    shards: Optional[list[Optional[ShardSpec]]] = None,
 ) -> list[Union[Tensor, int]]:
     """Functional masked SGD over a list of tensors that share one modality and one rate.
 
@@ -280,7 +324,11 @@ def masked_sgd(
     replaced by the new buffer on the first step with momentum, as ``torch.optim.sgd``).
     ``keys[i]`` is the Philox key of ``params[i]`` for this step. Returns, per tensor, the number
     of units kept (see :func:`masked_gradient`: device tensors, read lazily, or python ints).
+    ``shards[i]``, when given and not None, says that ``params[i]`` is a local shard
+    (:class:`ShardSpec`).
     """
+    if shards is not None and len(shards) != len(params):
+        raise ValueError(f"masked_sgd: shards must have one entry per param, got {len(shards)} for {len(params)}")
     if not (len(params) == len(grads) == len(momentum_buffer_list) == len(keys)):
         raise ValueError(
             "masked_sgd: params, grads, momentum_buffer_list and keys must have equal lengths, got "
@@ -304,4 +352,5 @@ def masked_sgd(
         sampler=sampler,
         unbiased=unbiased,
         max_iter=max_iter,
+        shards=shards,
     )

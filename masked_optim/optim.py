@@ -8,12 +8,19 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .backends import BACKENDS, MODE_CODES, kernel_for, resolve_backend
-from .functional import GRANULARITIES, MASKS, SAMPLERS, WATERFILL_MAX_ITER, _num_units, masked_sgd
+from .backends import BACKENDS, MODE_CODES, BackendUnavailable, kernel_for, resolve_backend
+from .functional import GRANULARITIES, MASKS, SAMPLERS, WATERFILL_MAX_ITER, ShardSpec, _num_units, masked_sgd
 from .rng import derive_key
+
+try:  # torch built without distributed support has no DTensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+except ImportError:  # pragma: no cover
+    DTensor = None
 
 __all__ = ["MaskedMultiModalSGD", "StepStats", "ModalityStats", "NONFINITE_POLICIES"]
 
@@ -87,6 +94,47 @@ def _check_rate(name: str, value: Any) -> float:
 def _mode_code(group: Mapping[str, Any]) -> int:
     unbiased = group["unbiased"] if group["unbiased"] is not None else group["mask"] == "amss+"
     return MODE_CODES[(group["mask"], unbiased)]
+
+
+def _is_dtensor(t: Any) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _local(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The local tensor of a DTensor (its storage, under no_grad), else ``t`` itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _shard_spec(p: Tensor, granularity: str, index: int, reducers: dict) -> Optional[ShardSpec]:
+    """Where the local shard of DTensor ``p`` sits in the whole tensor (None if it is all there).
+
+    FSDP's ``fully_shard`` shards dim 0 (``Shard(0)``); replicated mesh dimensions (HSDP) need
+    nothing. Other placements would split units across ranks in ways the global unit offset
+    cannot describe, so they are refused.
+    """
+    groups = []
+    for mesh_dim, placement in enumerate(p.placements):
+        if type(placement) is Shard and placement.dim == 0:
+            groups.append(p.device_mesh.get_group(mesh_dim))
+        elif not isinstance(placement, Replicate):
+            raise ValueError(
+                f"Invalid placement of parameter {index} (shape {tuple(p.shape)}): {tuple(p.placements)}; "
+                "allowed: Shard(0) (as FSDP's fully_shard makes) or Replicate on every mesh dimension"
+            )
+    if not groups:
+        return None
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    per_row = 1 if granularity == "channel" else math.prod(p.shape[1:])
+    key = tuple(groups)
+    if key not in reducers:  # one function per set of process groups: probes are batched by it
+
+        def all_reduce(t: Tensor, op: str) -> Tensor:
+            for group in key:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+            return t
+
+        reducers[key] = all_reduce
+    return ShardSpec(unit_offset=offset[0] * per_row, num_units=_num_units(p.shape, granularity), all_reduce=reducers[key])
 
 
 def _by_device(tensors: list[Tensor]) -> list[list[Tensor]]:
@@ -288,6 +336,18 @@ class MaskedMultiModalSGD(Optimizer):
         for device in {p.device for p in params if isinstance(p, Tensor)}:
             # An explicit backend that cannot run on these tensors fails here, with the reason.
             resolve_backend(param_group["backend"], device, param_group["sampler"])
+        if any(_is_dtensor(p) for p in params):
+            if param_group["backend"] not in ("auto", "reference"):
+                raise BackendUnavailable(
+                    f"backend {param_group['backend']!r} cannot update sharded (DTensor, FSDP) parameters of "
+                    f"param group {group_index}: the fused kernels take no global unit offset yet; use "
+                    "backend='auto' or 'reference' (the pure-PyTorch step, exact for shards)"
+                )
+            if param_group["sampler"] == "multinomial":
+                raise ValueError(
+                    f"Invalid sampler='multinomial' for the sharded (DTensor, FSDP) parameters of param group "
+                    f"{group_index}; allowed: 'poisson' (the multinomial sampler needs a global top-k)"
+                )
         super().add_param_group(param_group)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -366,9 +426,10 @@ class MaskedMultiModalSGD(Optimizer):
 
         plan = []
         all_grads = []
+        reducers: dict = {}
         index = -1
         for gi, group in enumerate(self.param_groups):
-            params, grads, bufs, keys = [], [], [], []
+            params, local_params, grads, bufs, keys, shards = [], [], [], [], [], []
             for p in group["params"]:
                 index += 1
                 if p.grad is None:
@@ -381,26 +442,36 @@ class MaskedMultiModalSGD(Optimizer):
                     )
                 state = self.state[p]
                 params.append(p)
-                grads.append(p.grad)
-                bufs.append(state.get("momentum_buffer"))
+                local_params.append(_local(p))
+                grads.append(_local(p.grad))
+                bufs.append(_local(state.get("momentum_buffer")))
                 keys.append(derive_key(group["seed"], state.get("step", 0), index))
+                shards.append(_shard_spec(p, group["granularity"], index, reducers) if _is_dtensor(p) else None)
             all_grads.extend(grads)
-            plan.append((group, params, grads, bufs, keys))
+            plan.append((group, params, local_params, grads, bufs, keys, shards))
 
         # Phase 1: decide each tensor's backend; run the fused stage 1 (per-tensor scalars) of the
         # cpp tensors, whose sum of g^2 doubles as their non-finite check, and probe the others.
+        # Probes of sharded tensors are summed over their shards, so that every rank decides alike.
         check = self.nonfinite != "ignore"
         probes: list[Tensor] = []
+        shard_probes: dict[Callable, list[Tensor]] = {}
         routed = []
-        for group, params, grads, bufs, keys in plan:
+        for group, params, local_params, grads, bufs, keys, shards in plan:
             modality = group["modality"]
             dense = modality is None or not group["masked"] or group["mask"] == "none"
             rate = 1.0 if modality is None else overrides.get(modality, group["rate"])
             sparse_rate = not dense and rate < 1.0
-            names = [self._resolve(group["backend"], p.device, group["sampler"]) if sparse_rate else "reference" for p in params]
+            names = [
+                self._resolve(group["backend"], p.device, group["sampler"]) if sparse_rate and not _is_dtensor(p) else "reference"
+                for p in params
+            ]
             prepared: list = [None] * len(params)
             for i, g in enumerate(grads):
-                if check and names[i] == "cpp":
+                if check and shards[i] is not None:
+                    low, high = torch.aminmax(g) if g.numel() else (g.new_zeros(()), g.new_zeros(()))
+                    shard_probes.setdefault(shards[i].all_reduce, []).append(low.double() + high.double())
+                elif check and names[i] == "cpp":
                     scalars, scores, sumsq = torch.ops.masked_optim.tensor_scalars(
                         g, float(rate), float(group["smoothing"]), WATERFILL_MAX_ITER, _mode_code(group),
                         group["granularity"] == "channel",
@@ -410,21 +481,26 @@ class MaskedMultiModalSGD(Optimizer):
                 elif check and g.numel():
                     low, high = torch.aminmax(g)
                     probes.append(low.double() + high.double())  # NaN or +-Inf iff g has one (or overflows)
-            routed.append((group, params, grads, bufs, keys, dense, rate, sparse_rate, names, prepared))
+            routed.append((group, params, local_params, grads, bufs, keys, shards, dense, rate, sparse_rate, names, prepared))
         if probes and not all(bool(torch.isfinite(torch.stack(ps)).all()) for ps in _by_device(probes)):
             if any(not bool(torch.isfinite(g).all()) for g in all_grads):  # not just a sum that overflowed
                 return self._nonfinite_step(loss)
+        for all_reduce, ps in shard_probes.items():  # the same all-reduces, in the same order, on every rank
+            if not bool(torch.isfinite(all_reduce(torch.stack(ps), "sum")).all()):
+                return self._nonfinite_step(loss, sharded=True)
 
         # Phase 2: the updates.
         records = []
-        for group, params, grads, bufs, keys, dense, rate, sparse_rate, names, prepared in routed:
+        for group, params, local_params, grads, bufs, keys, shards, dense, rate, sparse_rate, names, prepared in routed:
             modality = group["modality"]
             kept: list = [None] * len(params)
             by_backend: dict[str, list[int]] = {}
             for i, name in enumerate(names):
                 by_backend.setdefault(name, []).append(i)
             for name, idx in by_backend.items():
-                sub = [params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx], [keys[i] for i in idx]
+                sub = (
+                    [local_params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx], [keys[i] for i in idx]
+                )
                 if name == "reference":
                     counts = masked_sgd(
                         *sub,
@@ -441,6 +517,7 @@ class MaskedMultiModalSGD(Optimizer):
                         sampler=group["sampler"],
                         unbiased=group["unbiased"],
                         max_iter=WATERFILL_MAX_ITER,
+                        shards=[shards[i] for i in idx] if any(shards[i] is not None for i in idx) else None,
                     )
                 else:
                     counts = self._fused_step(kernel_for(name), group, rate, *sub, [prepared[i] for i in idx])
@@ -449,10 +526,14 @@ class MaskedMultiModalSGD(Optimizer):
                     bufs[i] = sub[2][j]
             for p, buf in zip(params, bufs):
                 state = self.state[p]
-                if group["momentum"] != 0:
+                if group["momentum"] != 0 and _local(state.get("momentum_buffer")) is not buf:
+                    if _is_dtensor(p):  # a new buffer: stored sharded like its parameter
+                        buf = DTensor.from_local(
+                            buf, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+                        )
                     state["momentum_buffer"] = buf
                 state["step"] = state.get("step", 0) + 1
-            units = [_num_units(p.shape, group["granularity"]) for p in params]
+            units = [_num_units(p.shape, group["granularity"]) for p in local_params]
             records.append((modality, rate, dense, ",".join(sorted(by_backend)) or "reference", kept, units))
         self._last_stats = (records, False, ())
         return loss
@@ -495,17 +576,18 @@ class MaskedMultiModalSGD(Optimizer):
             counts.append(kept)
         return counts
 
-    def _nonfinite_step(self, loss):
+    def _nonfinite_step(self, loss, sharded: bool = False):
         bad = []
         index = -1
         for group in self.param_groups:
             for p in group["params"]:
                 index += 1
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                if p.grad is not None and not bool(torch.isfinite(_local(p.grad)).all()):
                     bad.append(index)
         if self.nonfinite == "raise":
+            where = f"parameters {bad}" if bad else "the shard of a sharded parameter on another rank"
             raise FloatingPointError(
-                f"Non-finite gradient (NaN or Inf) in parameters {bad} (indices in param-group order); "
+                f"Non-finite gradient (NaN or Inf) in {where} (indices in param-group order); "
                 "no parameter was updated. Pass nonfinite='skip' to skip such steps, or 'ignore' to "
                 "update anyway"
             )

@@ -99,14 +99,21 @@ def uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
     return folded.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=x.device)
 
 
-def philox_uniform(key: int, n: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """The ``n`` float32 uniforms in ``[0, 1)`` of units ``0 .. n-1`` under ``key`` (SPEC §4)."""
+def philox_uniform(key: int, n: int, device: torch.device | str | None = None, offset: int = 0) -> torch.Tensor:
+    """The ``n`` float32 uniforms in ``[0, 1)`` of units ``offset .. offset+n-1`` under ``key`` (SPEC §4).
+
+    ``offset`` is the global index of the first unit, for a shard of a larger tensor: the uniforms
+    are those of the same units of the whole tensor, so a sharded update draws the unsharded masks.
+    """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"philox_uniform: n must be a non-negative int, got {n!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"philox_uniform: offset must be a non-negative int, got {offset!r}")
     if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key <= _MASK64:
         raise ValueError(f"philox_uniform: key must be an int in [0, 2**64), got {key!r}")
-    blocks = (n + 3) // 4
-    counter = torch.arange(blocks, dtype=torch.int64, device=device)
+    first, skip = divmod(offset, 4)
+    blocks = (skip + n + 3) // 4
+    counter = torch.arange(first, first + blocks, dtype=torch.int64, device=device)
     zeros = torch.zeros_like(counter)
     words = philox4x32(counter & _MASK32, counter >> 32, zeros, zeros, key & _MASK32, key >> 32)
-    return uint32_to_uniform(torch.stack(words, dim=1).reshape(-1)[:n])
+    return uint32_to_uniform(torch.stack(words, dim=1).reshape(-1)[skip : skip + n])

@@ -75,9 +75,26 @@ def test_derive_key_rejects_bad_input(bad):
         derive_key(0, bad, 0)
 
 
+@pytest.mark.parametrize("offset", [0, 1, 3, 4, 5, 4 * 2**32 + 2])
+def test_offset_draws_the_units_of_the_whole_tensor(offset):
+    """A shard starting at global unit ``offset`` draws the whole tensor's uniforms of its units."""
+    key = 42
+    shard = philox_uniform(key, 9, offset=offset)
+    if offset < 2**20:
+        assert torch.equal(shard, philox_uniform(key, offset + 9)[offset:])
+    # Unit by unit, from the block at counter j // 4 (also past 2**32 blocks).
+    for j in range(offset, offset + 9):
+        c = torch.tensor([j // 4], dtype=torch.int64)
+        z = torch.zeros_like(c)
+        words = philox4x32(c & 0xFFFFFFFF, c >> 32, z, z, key, 0)
+        assert shard[j - offset] == uint32_to_uniform(words[j % 4])[0]
+
+
 def test_philox_uniform_rejects_bad_input():
     with pytest.raises(ValueError, match="n must be a non-negative int, got -1"):
         philox_uniform(0, -1)
+    with pytest.raises(ValueError, match="offset must be a non-negative int, got -2"):
+        philox_uniform(0, 4, offset=-2)
     with pytest.raises(ValueError, match=r"key must be an int in \[0, 2\*\*64\), got -3"):
         philox_uniform(-3, 4)
 
