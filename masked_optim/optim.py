@@ -350,6 +350,63 @@ class MaskedMultiModalSGD(Optimizer):
                 )
         super().add_param_group(param_group)
 
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load :meth:`state_dict` output, after checking that it fits this optimizer.
+
+        As with ``torch.optim``, the checkpoint's hyperparameters (``lr``, ``mask``, rates, seeds,
+        ...) replace this optimizer's; options a checkpoint lacks (one written by
+        :class:`torch.optim.SGD`, or before an option existed) keep this optimizer's values, so an
+        SGD run can be continued with masking. What must match is the structure: the number of
+        groups and of parameters per group, each group's ``modality``, and each momentum buffer's
+        shape; the loaded options must be valid and step counts non-negative ints. Anything else
+        raises ``ValueError`` naming the group or parameter and both values, and changes nothing.
+        """
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError(
+                f"Invalid state_dict: {type(state_dict).__name__}"
+                + (f" with keys {sorted(map(str, state_dict))}" if isinstance(state_dict, Mapping) else "")
+                + "; allowed: the dict of MaskedMultiModalSGD.state_dict() (or torch.optim.SGD's), "
+                "with 'state' and 'param_groups'"
+            )
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"Invalid state_dict: {len(saved_groups)} param groups; allowed: {len(self.param_groups)}, "
+                "as this optimizer has (a checkpoint of another model or configuration?)"
+            )
+        groups = []
+        for gi, (saved, current) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(current["params"]):
+                raise ValueError(
+                    f"Invalid state_dict: param group {gi} has {len(saved['params'])} parameters; allowed: "
+                    f"{len(current['params'])}, as this optimizer's group {gi} has"
+                )
+            if "modality" in saved and saved["modality"] != current["modality"]:
+                raise ValueError(
+                    f"Invalid state_dict: param group {gi} has modality {saved['modality']!r}; allowed: "
+                    f"{current['modality']!r}, this optimizer's group {gi} (groups are matched by position)"
+                )
+            merged = {**{k: v for k, v in current.items() if k != "params"}, **saved}
+            self._validate_group(merged, where=f"state_dict param group {gi}: ")
+            groups.append(merged)
+            for pid, p in zip(saved["params"], current["params"]):
+                entry = saved_state.get(pid, {})
+                buf = entry.get("momentum_buffer")
+                shape = tuple(p.shape)  # global shapes for DTensors
+                if buf is not None and (not isinstance(buf, Tensor) or tuple(buf.shape) != shape):
+                    got = tuple(buf.shape) if isinstance(buf, Tensor) else type(buf).__name__
+                    raise ValueError(
+                        f"Invalid state_dict: momentum_buffer of parameter {pid} (param group {gi}) is {got}; "
+                        f"allowed: a tensor of the parameter's shape {shape}"
+                    )
+                step = entry.get("step", 0)
+                if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                    raise ValueError(
+                        f"Invalid state_dict: step of parameter {pid} (param group {gi}) is {step!r}; "
+                        "allowed: a non-negative int"
+                    )
+        super().load_state_dict({**state_dict, "param_groups": groups})
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.update(nonfinite=self.nonfinite, skipped_steps=self.skipped_steps)

@@ -336,6 +336,88 @@ def test_resume_from_state_dict_is_bit_identical(mask, granularity, sampler):
         assert torch.equal(p, q)
 
 
+def _stepped(**kw):
+    opt, params = make(mask="amss", seed=3, **kw)
+    for step in range(3):
+        fill_grads(params, step)
+        opt.set_rates(_rates_at(step))
+        opt.step()
+    return opt, params
+
+
+def _bad_state(change):
+    state = copy.deepcopy(_stepped()[0].state_dict())
+    change(state)
+    return state
+
+
+@pytest.mark.parametrize(
+    "change,pattern",
+    [
+        (lambda s: s["param_groups"].pop(), r"Invalid state_dict: 2 param groups; allowed: 3"),
+        (lambda s: s["param_groups"][1]["params"].append(99), r"param group 1 has 2 parameters; allowed: 1"),
+        (lambda s: s["param_groups"][0].update(modality="video"),
+         r"param group 0 has modality 'video'; allowed: 'audio', this optimizer's group 0"),
+        (lambda s: s["param_groups"][2].update(modality="audio"), r"param group 2 has modality 'audio'; allowed: None"),
+        (lambda s: s["param_groups"][1].update(rate=1.5), r"state_dict param group 1: rate: 1.5; allowed: a number in \(0, 1\]"),
+        (lambda s: s["param_groups"][0].update(mask="amss++"), r"state_dict param group 0: mask: 'amss\+\+'"),
+        (lambda s: s["state"][2].update(momentum_buffer=torch.zeros(3)),
+         r"momentum_buffer of parameter 2 \(param group 1\) is \(3,\); allowed: a tensor of the parameter's shape \(16, 3, 5\)"),
+        (lambda s: s["state"][0].update(step=-1), r"step of parameter 0 \(param group 0\) is -1; allowed: a non-negative int"),
+        (lambda s: s["state"][0].update(step=torch.tensor(2.0)), r"step of parameter 0 .* allowed: a non-negative int"),
+        (lambda s: s.pop("state"), r"Invalid state_dict: dict with keys \['param_groups'\]; allowed: the dict of"),
+    ],
+)
+def test_loading_another_configurations_state_is_refused_and_changes_nothing(change, pattern):
+    opt, params = _stepped()
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=pattern):
+        opt.load_state_dict(_bad_state(change))
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for k, entry in before["state"].items():
+        assert after["state"][k]["step"] == entry["step"]
+        assert torch.equal(after["state"][k]["momentum_buffer"], entry["momentum_buffer"])
+
+
+def test_checkpoint_hyperparameters_replace_the_constructors_as_in_torch_optim():
+    opt, _ = _stepped()
+    other, _ = make(mask="uniform", seed=11, weight_decay=0.5)
+    other.load_state_dict(opt.state_dict())
+    assert [g["mask"] for g in other.param_groups] == ["amss"] * 3
+    assert other.param_groups[0]["seed"] == 3 and other.param_groups[0]["weight_decay"] == 0.0
+    assert other.get_rates() == opt.get_rates()
+
+
+def test_a_torch_sgd_checkpoint_continues_with_masking_and_keeps_the_modalities():
+    """SGD for k steps, then MaskedMultiModalSGD loaded from SGD's state: rate 1 continues SGD exactly."""
+    a, v, h = two_modality_params()
+    sgd_params = [p.detach().clone().requires_grad_() for p in a + v + h]
+    sgd = torch.optim.SGD(groups(sgd_params[:2], sgd_params[2:3], sgd_params[3:]), lr=0.1, momentum=0.9)
+    for step in range(3):
+        fill_grads(sgd_params, step)
+        sgd.step()
+    ours_params = [p.detach().clone().requires_grad_() for p in sgd_params]
+    ours = MaskedMultiModalSGD(groups(ours_params[:2], ours_params[2:3], ours_params[3:]), lr=0.3, mask="amss", seed=5)
+    sd = copy.deepcopy(sgd.state_dict())  # as if read from disk: torch.optim would share the buffers
+    for g in sd["param_groups"]:
+        del g["modality"]  # torch.optim.SGD keeps unknown keys; a plain SGD checkpoint has none
+    ours.load_state_dict(sd)
+    assert [g["modality"] for g in ours.param_groups] == ["audio", "video", None]
+    assert [g["mask"] for g in ours.param_groups] == ["amss"] * 3 and ours.param_groups[0]["lr"] == 0.1
+    for step in range(3, 6):
+        fill_grads(sgd_params, step)
+        fill_grads(ours_params, step)
+        sgd.step()
+        ours.step()  # rates are 1 until set: exactly SGD
+    for p, q in zip(sgd_params, ours_params):
+        assert torch.equal(p, q)
+    ours.set_rates({"audio": 0.5})
+    fill_grads(ours_params, 6)
+    ours.step()
+    assert ours.last_step_stats()["audio"].kept_fraction < 1.0
+
+
 def test_old_checkpoints_get_new_defaults():
     opt, params = make()
     state = opt.__getstate__()
