@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ModalSignificance", "SignificanceStats"]
+__all__ = ["ModalSignificance", "SignificanceStats", "RULES"]
 
 FALLBACK_RATE = 0.5
+RULES = ("softmax", "ratio")
+RATIO_MI_FLOOR = 1e-3  # SPEC §3: u_m = max(I_m, 1e-3) / H_m
 
 
 @dataclass(frozen=True)
@@ -21,8 +23,8 @@ class SignificanceStats:
 
     ``label_entropy`` is :math:`H_Y`; ``mutual_information[m]`` is :math:`I_m`;
     ``feature_entropy[m]`` is :math:`H_m` (empty without features); ``mi_rate[m]`` is the
-    :math:`r_m` that entered the softmax (after EMA); ``fallback`` is True when the rates are the
-    0.5 fallback.
+    :math:`r_m` that entered the softmax, or the :math:`u_m` of the ratio rule (after EMA);
+    ``fallback`` is True when the rates are the fallback (0.5 for ``softmax``, 1.0 for ``ratio``).
     """
 
     label_entropy: float
@@ -49,24 +51,33 @@ def _check(name: str, value, ok: bool, allowed: str) -> float:
 class ModalSignificance:
     r"""Maps per-modality uni-modal predictions to keep rates (AMSS, Yang et al., SPEC §3).
 
-    For a batch with labels :math:`y` and uni-modal logits :math:`o_m`:
-
-    .. math::
-        H_Y = -\sum_c p_c \log p_c, \quad I_m = H_Y - \mathrm{CE}(o_m, y), \quad
-        r_m = \frac{I_m + c}{H_m} \text{ (or } I_m + c \text{ without features)}, \\
-        \rho_m = \mathrm{clamp}\big(1 - \mathrm{softmax}(r / T)_m + b,\ \rho_{min},\ \rho_{max}\big)
-
-    where :math:`p_c` are the batch's class frequencies, :math:`\mathrm{CE}` the batch-mean
+    For a batch with labels :math:`y` and uni-modal logits :math:`o_m`,
+    :math:`H_Y = -\sum_c p_c \log p_c` and :math:`I_m = H_Y - \mathrm{CE}(o_m, y)`, where
+    :math:`p_c` are the batch's class frequencies, :math:`\mathrm{CE}` the batch-mean
     cross-entropy (natural log) and :math:`H_m` the batch mean of the entropy of
     :math:`\mathrm{softmax}(z_m)` over the feature dimension. The more significant modality gets the
-    smaller keep rate. If any :math:`I_m + c \le 0`, or anything is not finite, every rate is 0.5
-    (and the EMA is not updated by that batch).
+    smaller keep rate. Two rules map these to rates:
+
+    * ``rule="softmax"`` (the paper's): :math:`r_m = (I_m + c) / H_m` (or :math:`I_m + c` without
+      features), :math:`\rho_m = \mathrm{clamp}(1 - \mathrm{softmax}(r / T)_m + b, \rho_{min}, \rho_{max})`.
+      With two modalities the rates sum to 1, so the weak modality is slowed too. If any
+      :math:`I_m + c \le 0`, or anything is not finite, every rate is 0.5.
+    * ``rule="ratio"``: :math:`u_m = \max(I_m, 10^{-3}) / H_m` (or :math:`\max(I_m, 10^{-3})`),
+      :math:`\rho_m = \mathrm{clamp}((\min_j u_j / u_m)^{p}, \rho_{min}, \rho_{max})`: the least
+      significant modality keeps the full step (:math:`\rho = 1` with the default
+      :math:`\rho_{max} = 1`) and only the dominant ones are slowed. ``temperature``, ``offset``
+      and ``bias`` do not enter. If anything is not finite, every rate is 1 (no rebalancing).
+
+    A fallback batch does not update the EMA.
 
     Args:
+        rule: ``"softmax"`` (default) or ``"ratio"`` (see above).
+        power: :math:`p > 0` of the ratio rule (default 1).
         temperature: :math:`T > 0` (default 0.2).
         offset: :math:`c` added to :math:`I_m` (default 0.5, as the official audio-visual code).
         bias: :math:`b` added to the rates before clamping (default 0).
-        min_rate, max_rate: clamp bounds, ``0 < min_rate <= max_rate <= 1`` (defaults 0.1, 0.9).
+        min_rate, max_rate: clamp bounds, ``0 < min_rate <= max_rate <= 1`` (defaults 0.1, and
+            0.9 for ``softmax`` / 1.0 for ``ratio``).
         beta: EMA factor in [0, 1) for :math:`r_m` across calls (default 0: per batch, as the
             paper): :math:`\bar r \leftarrow \beta \bar r + (1 - \beta) r`, starting at the first r.
         sync_distributed: under an initialised ``torch.distributed`` with more than one rank
@@ -86,11 +97,20 @@ class ModalSignificance:
         offset: float = 0.5,
         bias: float = 0.0,
         min_rate: float = 0.1,
-        max_rate: float = 0.9,
+        max_rate: Optional[float] = None,
         beta: float = 0.0,
         sync_distributed: bool = True,
         process_group=None,
+        *,
+        rule: str = "softmax",
+        power: float = 1.0,
     ) -> None:
+        if not isinstance(rule, str) or rule not in RULES:
+            raise ValueError(f"Invalid rule: {rule!r}; allowed: one of {', '.join(map(repr, RULES))}")
+        self.rule = rule
+        self.power = _check("power", power, power > 0, "a number > 0")
+        if max_rate is None:
+            max_rate = 0.9 if rule == "softmax" else 1.0
         if not isinstance(sync_distributed, bool):
             raise TypeError(f"Invalid sync_distributed: {sync_distributed!r}; allowed: True or False")
         self.sync_distributed = sync_distributed
@@ -109,10 +129,17 @@ class ModalSignificance:
         self.last: Optional[SignificanceStats] = None
 
     def state_dict(self) -> dict:
-        """The EMA state (for checkpoints)."""
-        return {"ema": None if self._ema is None else dict(self._ema)}
+        """The EMA state and the rule it belongs to (for checkpoints)."""
+        return {"ema": None if self._ema is None else dict(self._ema), "rule": self.rule}
 
     def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict`; an EMA of the other rule's statistic is refused."""
+        rule = state.get("rule", "softmax")  # states written before the ratio rule existed
+        if rule != self.rule and state.get("ema") is not None:
+            raise ValueError(
+                f"Invalid state: an EMA of rule {rule!r}; allowed: rule {self.rule!r}, this estimator's "
+                "(the two rules smooth different statistics)"
+            )
         ema = state.get("ema")
         self._ema = None if ema is None else {str(k): float(v) for k, v in ema.items()}
 
@@ -199,13 +226,16 @@ class ModalSignificance:
         mi_d = dict(zip(names, mi_l.tolist()))
         ent_d = dict(zip(names, ent_l.tolist())) if features is not None else {}
 
-        numer = {m: mi_d[m] + self.offset for m in names}
+        if self.rule == "softmax":
+            numer = {m: mi_d[m] + self.offset for m in names}
+        else:
+            numer = {m: max(mi_d[m], RATIO_MI_FLOOR) if math.isfinite(mi_d[m]) else mi_d[m] for m in names}
         # A zero feature entropy (one-hot softmax of diverged features) makes r infinite: fallback.
         r = {m: _ratio(numer[m], ent_d[m]) if features is not None else numer[m] for m in names}
         values = [h_y, *ce_d.values(), *ent_d.values(), *r.values()]
         fallback = any(v <= 0 for v in numer.values()) or not all(math.isfinite(v) for v in values)
         if fallback:
-            rates = {m: FALLBACK_RATE for m in names}
+            rates = {m: FALLBACK_RATE if self.rule == "softmax" else 1.0 for m in names}
             r_used = r
         else:
             if self.beta > 0 and self._ema is not None and set(self._ema) == set(names):
@@ -213,13 +243,16 @@ class ModalSignificance:
             else:
                 r_used = dict(r)
             self._ema = dict(r_used)
-            scaled = [r_used[m] / self.temperature for m in names]
-            top = max(scaled)
-            exps = [math.exp(s - top) for s in scaled]
-            z = sum(exps)
-            rates = {
-                m: min(self.max_rate, max(self.min_rate, 1.0 - e / z + self.bias)) for m, e in zip(names, exps)
-            }
+            if self.rule == "softmax":
+                scaled = [r_used[m] / self.temperature for m in names]
+                top = max(scaled)
+                exps = [math.exp(s - top) for s in scaled]
+                z = sum(exps)
+                raw = {m: 1.0 - e / z + self.bias for m, e in zip(names, exps)}
+            else:
+                weakest = min(r_used.values())
+                raw = {m: (weakest / r_used[m]) ** self.power for m in names}
+            rates = {m: min(self.max_rate, max(self.min_rate, raw[m])) for m in names}
         self.last = SignificanceStats(
             label_entropy=h_y,
             mutual_information=mi_d,

@@ -139,6 +139,9 @@ def test_ema_smooths_mutual_information_rate_and_skips_fallback_batches():
         (dict(beta=1.0), ValueError, r"Invalid beta: 1\.0; allowed: a number in \[0, 1\)"),
         (dict(offset=float("inf")), ValueError, r"Invalid offset: inf; allowed: a finite number"),
         (dict(bias="0"), TypeError, r"Invalid bias: '0'; allowed: a finite number"),
+        (dict(rule="linear"), ValueError, r"Invalid rule: 'linear'; allowed: one of 'softmax', 'ratio'"),
+        (dict(rule="ratio", power=0), ValueError, r"Invalid power: 0; allowed: a number > 0"),
+        (dict(rule="ratio", power=True), TypeError, r"Invalid power: True; allowed: a number > 0"),
     ],
 )
 def test_constructor_validation(kwargs, exc, pattern):
@@ -169,3 +172,65 @@ def test_fallback_when_feature_entropy_is_zero():
     est = ModalSignificance()
     assert est(logits, labels, features) == {"audio": 0.5, "video": 0.5}
     assert est.last.fallback and est.last.feature_entropy["audio"] == 0.0
+
+
+# ----------------------------------------------------------------------------- the ratio rule
+def _logits_with_accuracy(p_right, labels):
+    """Two-class logits whose softmax gives the true class probability ``p_right`` on every sample."""
+    right, wrong = math.log(p_right), math.log(1 - p_right)
+    return torch.tensor([[right, wrong] if y == 0 else [wrong, right] for y in labels.tolist()], dtype=torch.float64)
+
+
+def test_ratio_rule_two_modalities_by_hand():
+    labels = torch.tensor([0, 1, 0, 1])  # H_Y = ln 2
+    logits = {"a": _logits_with_accuracy(0.9, labels), "b": _logits_with_accuracy(0.6, labels)}
+    est = ModalSignificance(rule="ratio")
+    rates = est(logits, labels)
+    i_a, i_b = LN2 + math.log(0.9), LN2 + math.log(0.6)  # 0.5878, 0.1823
+    assert rates == pytest.approx({"a": i_b / i_a, "b": 1.0}, abs=1e-12)  # the weakest keeps the full step
+    assert est.last.mi_rate == pytest.approx({"a": i_a, "b": i_b}, abs=1e-12) and not est.last.fallback
+    # temperature, offset and bias do not enter the ratio rule; power does
+    same = ModalSignificance(rule="ratio", temperature=3.0, offset=2.0, bias=0.3)(logits, labels)
+    assert same == rates
+    squared = ModalSignificance(rule="ratio", power=2.0, min_rate=1e-4)(logits, labels)
+    assert squared == pytest.approx({"a": (i_b / i_a) ** 2, "b": 1.0}, abs=1e-12)
+
+
+def test_ratio_rule_three_modalities_with_features_floor_and_clamp():
+    labels = torch.tensor([0, 1, 0, 1])
+    logits = {
+        "a": _logits_with_accuracy(0.9, labels),
+        "b": _logits_with_accuracy(0.6, labels),
+        "c": _logits_with_accuracy(0.5, labels),  # I = 0: floored to 1e-3
+    }
+    z_uniform = torch.zeros(4, 4)  # entropy ln 4
+    z_peaked = torch.tensor([[3.0, 0.0, 0.0, 0.0]]).repeat(4, 1)
+    p = torch.softmax(z_peaked[0].double(), 0)
+    h_peaked = -(p * p.log()).sum().item()
+    features = {"a": z_uniform, "b": z_peaked, "c": z_uniform}
+    u = {"a": (LN2 + math.log(0.9)) / math.log(4), "b": (LN2 + math.log(0.6)) / h_peaked, "c": 1e-3 / math.log(4)}
+    est = ModalSignificance(rule="ratio", min_rate=1e-4)
+    rates = est(logits, labels, features)
+    assert est.last.mi_rate == pytest.approx(u, abs=1e-12)
+    assert rates == pytest.approx({m: u["c"] / u[m] for m in u}, abs=1e-12)
+    assert rates["c"] == 1.0
+    # the default floor min_rate = 0.1 applies to the dominant modalities (here both below it)
+    floored = ModalSignificance(rule="ratio")(logits, labels, features)
+    assert floored == {"a": 0.1, "b": 0.1, "c": 1.0}
+    # and max_rate, when given, caps the weakest too
+    capped = ModalSignificance(rule="ratio", min_rate=1e-4, max_rate=0.8)(logits, labels, features)
+    assert capped["c"] == 0.8 and capped["a"] == pytest.approx(u["c"] / u["a"], abs=1e-12)
+
+
+def test_ratio_rule_fallback_keeps_every_step_and_states_refuse_the_other_rule():
+    labels = torch.tensor([0, 1, 0, 1])
+    logits = {"a": _logits_with_accuracy(0.9, labels), "b": torch.full((4, 2), float("nan"))}
+    est = ModalSignificance(rule="ratio")
+    assert est(logits, labels) == {"a": 1.0, "b": 1.0} and est.last.fallback
+    paper = ModalSignificance()
+    paper({"a": logits["a"], "b": logits["a"]}, labels)
+    with pytest.raises(ValueError, match=r"an EMA of rule 'softmax'; allowed: rule 'ratio'"):
+        est.load_state_dict(paper.state_dict())
+    est.load_state_dict({"ema": None})  # no EMA yet: nothing to mix up
+    with pytest.raises(ValueError, match=r"an EMA of rule 'softmax'"):
+        est.load_state_dict({"ema": {"a": 1.0, "b": 2.0}})  # written before the rule existed: softmax
