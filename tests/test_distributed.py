@@ -89,3 +89,21 @@ def test_ddp_ranks_stay_identical_and_match_one_process():
     # others'); over 20 steps at most 1 % of the 19,332 values may leave the tolerance (measured
     # here on 2026-11-23: none did). Without the estimator's all-reduce this test fails.
     assert flipped <= 0.01 * total, (flipped, total)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel,amp", [("ddp", "fp16"), ("fsdp", "bf16")])
+def test_the_readme_distributed_example_runs_and_ranks_agree(parallel, amp):
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "examples" / "distributed.py"
+    run = subprocess.run([sys.executable, str(script), "--parallel", parallel, "--amp", amp, "--epochs", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = sorted(line for line in run.stdout.splitlines() if line.startswith("rank "))
+    assert [line[:7] for line in lines] == ["rank 0:", "rank 1:"]
+    assert lines[0][7:] == lines[1][7:]  # same accuracy, rates and parameter checksum on both ranks
+    accuracy = float(lines[0].split("test accuracy ")[1].split()[0])
+    assert accuracy > 0.4  # 4 classes: it learned something in one epoch
