@@ -117,6 +117,16 @@ def _int_list(text: str, what: str) -> list[int]:
     return values
 
 
+def _checkpoint_every(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"Invalid --checkpoint-every: {text!r}; allowed: an int >= 1")
+    return value
+
+
 def _seeds(text: str) -> list[int]:
     """``5`` -> seeds 0..4; ``3,7`` -> seeds 3 and 7."""
     if "," not in text:
@@ -135,13 +145,19 @@ def _run_train(args: argparse.Namespace) -> int:
     from .training import train
 
     config = _config_from(args, method=args.method, seed=args.seed, fold=args.fold)
+    if args.checkpoint_every is not None and args.checkpoint is None:
+        raise ValueError("Invalid --checkpoint-every without --checkpoint; allowed: with --checkpoint PATH")
+    if args.resume is not None and not os.path.isfile(args.resume):
+        raise ValueError(f"Invalid --resume: {args.resume!r}: no such file")
 
     def progress(ev):
         v = ev["val"]
         print(f"epoch {ev['epoch']:>3}/{ev['epochs']}  loss {ev['train_loss']:.4f}  val "
-              + "  ".join(f"{k} {x:.3f}" for k, x in v.items()), file=sys.stderr)
+              + "  ".join(f"{k} {x:.3f}" for k, x in v.items())
+              + (f"  (checkpoint {ev['checkpoint']})" if "checkpoint" in ev else ""), file=sys.stderr)
 
-    result = train(config, progress=None if args.quiet else progress)
+    result = train(config, progress=None if args.quiet else progress, checkpoint=args.checkpoint,
+                   checkpoint_every=args.checkpoint_every or 1, resume=args.resume)
     t = result["test"]
     print(f"{result['dataset']} {config.method} seed {config.seed} fold {config.fold}: best epoch {result['best_epoch']}, "
           f"test accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f}, wall {result['wall_time_s']:.1f} s")
@@ -221,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     train_p.add_argument("--fold", type=int, default=0, help="watch: subject fold 0-4")
     train_p.add_argument("--json", default=None, help="write the run (config, history, metrics) to this file")
     train_p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    train_p.add_argument("--checkpoint", default=None, metavar="PATH",
+                         help="save the whole run here (atomically) after every --checkpoint-every epochs and the last")
+    train_p.add_argument("--checkpoint-every", type=_checkpoint_every, default=None, metavar="N",
+                         help="epochs between checkpoints (default 1; needs --checkpoint)")
+    train_p.add_argument("--resume", default=None, metavar="PATH",
+                         help="continue the run of this checkpoint, bit-identically; give the options of the run that "
+                              "wrote it (only --epochs, --backend and --no-probe may change); may equal --checkpoint")
     _add_train_options(train_p)
     cmp_p = sub.add_parser("compare", help="several methods x seeds (x folds): results table, JSON and PNG")
     cmp_p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated (default %(default)s)")

@@ -19,15 +19,23 @@ The keep rates of the masked methods come from :class:`~masked_optim.ModalSignif
 fusion head's slice logits every step. Every run of a given ``seed`` starts from the same weights
 and sees the same batches, so methods can be compared pairwise. The epoch is selected on the
 validation split's fused accuracy and everything is reported on the test split at that epoch.
+
+``train(config, checkpoint=path)`` saves the whole state of the run after every
+``checkpoint_every``-th epoch; ``train(config, resume=path)`` (or :func:`resume_training`) continues
+it, bit-identical to the uninterrupted run (see :func:`train`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import math
+import os
+import tempfile
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping, Optional
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +50,10 @@ from .optim import MaskedMultiModalSGD
 from .relearn import DiagnoseRelearn
 from .significance import ModalSignificance
 
-__all__ = ["TrainConfig", "METHODS", "DATASET_DEFAULTS", "parse_method", "method_spec", "train"]
+__all__ = [
+    "TrainConfig", "METHODS", "DATASET_DEFAULTS", "parse_method", "method_spec", "train", "resume_training",
+    "load_checkpoint", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "RESUME_MAY_CHANGE",
+]
 
 
 @dataclass(frozen=True)
@@ -217,22 +228,231 @@ def _batches(split: tuple[Mapping[str, Tensor], Tensor], batch_size: int = 1024)
         yield {m: v[i : i + batch_size] for m, v in x.items()}, y[i : i + batch_size]
 
 
+# ---------------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_FORMAT = "masked_optim.train_checkpoint"
+CHECKPOINT_VERSION = 1
+# TrainConfig fields a resumed run may change. A resumed run equals the uninterrupted run of the
+# *given* config: nothing in an epoch depends on ``epochs`` (it only says where to stop; it must be
+# >= the checkpoint's epoch) and ``probe`` only adds the final linear probes. ``backend`` changes
+# no mask (every backend draws the same Philox stream) but the fused kernels may round differently
+# from the reference, so a resume on another backend matches within float32 tolerance, not bit for bit.
+RESUME_MAY_CHANGE = frozenset({"epochs", "probe", "backend"})
+_CHECKPOINT_KEYS = frozenset({
+    "format", "version", "config", "epoch", "data", "model", "optimizer", "estimator", "modulation", "relearner",
+    "best", "history", "totals", "rng", "wall_time_s",
+})
+_MISSING = object()
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _data_fingerprint(data: MultimodalSplits) -> dict[str, Any]:
+    """Name, classes, shapes and a SHA-256 of every split's tensors: a resume must see the same data."""
+    digest = hashlib.sha256()
+    for split in ("train", "val", "test"):
+        x, y = getattr(data, split)
+        for t in [*(x[m] for m in sorted(x)), y]:
+            t = t.detach().cpu().contiguous()
+            digest.update(f"{split}:{t.dtype}:{tuple(t.shape)};".encode())
+            try:
+                digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            except (RuntimeError, TypeError, ImportError):  # no numpy: slower, same bytes
+                digest.update(bytes(t.reshape(-1).view(torch.uint8).tolist()))
+    return {"name": data.name, "num_classes": int(data.num_classes),
+            "shapes": {m: list(s) for m, s in data.shapes.items()}, "sha256": digest.hexdigest()}
+
+
+def _check_checkpoint_path(path: Any, what: str) -> str:
+    if not isinstance(path, (str, os.PathLike)) or os.fspath(path) == "":
+        raise TypeError(f"Invalid {what}: {path!r}; allowed: a file path (str or os.PathLike)")
+    return os.fspath(path)
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then ``os.replace``: ``path`` holds
+    either the previous checkpoint or the new one, never a partial file; the temporary file is
+    removed if anything fails."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: PathLike) -> dict[str, Any]:
+    """Read and validate a checkpoint written by :func:`train` (on the CPU, ``weights_only``).
+
+    Raises ``FileNotFoundError`` (or another ``OSError``) when the file cannot be opened, and
+    ``ValueError`` when it is not a masked_optim training checkpoint, is truncated or corrupt, or
+    has a format version other than :data:`CHECKPOINT_VERSION`.
+    """
+    path = _check_checkpoint_path(path, "checkpoint path")
+    with open(path, "rb") as fh:  # OSError (missing file, a directory, no permission) as is
+        try:
+            state = torch.load(fh, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for truncated / foreign files
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ValueError(
+                f"Invalid checkpoint {path!r}: not a readable masked_optim training checkpoint "
+                f"({type(exc).__name__}: {first})"
+            ) from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"Invalid checkpoint {path!r}: not a masked_optim training checkpoint "
+            f"(no format marker {CHECKPOINT_FORMAT!r}; written by masked_optim.train(checkpoint=...))"
+        )
+    version = state.get("version")
+    if version != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"Invalid checkpoint {path!r}: format version {version!r}; allowed: {CHECKPOINT_VERSION} "
+            "(written by another version of masked_optim)"
+        )
+    missing = sorted(_CHECKPOINT_KEYS - set(state))
+    if missing or not isinstance(state["config"], dict):
+        raise ValueError(f"Invalid checkpoint {path!r}: incomplete, missing {missing or ['config']}")
+    return state
+
+
+def _check_resumable(state: Mapping[str, Any], config: TrainConfig, path: str) -> None:
+    """The checkpoint must come from this run: same config up to :data:`RESUME_MAY_CHANGE`."""
+    saved, current = state["config"], asdict(config)
+    diffs = []
+    for key in [*current, *(k for k in saved if k not in current)]:
+        if key in RESUME_MAY_CHANGE:
+            continue
+        a, b = saved.get(key, _MISSING), current.get(key, _MISSING)
+        if a is _MISSING or b is _MISSING or isinstance(a, bool) != isinstance(b, bool) or a != b:
+            show = lambda v: "(absent)" if v is _MISSING else repr(v)  # noqa: E731
+            diffs.append(f"{key}: checkpoint {show(a)}, config {show(b)}")
+    if diffs:
+        raise ValueError(
+            f"Invalid resume: checkpoint {path!r} is of another run; differing config fields: "
+            + "; ".join(diffs) + f". allowed: the checkpoint's config (only {sorted(RESUME_MAY_CHANGE)} may change)"
+        )
+    epoch = state["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+        raise ValueError(f"Invalid checkpoint {path!r}: epoch {epoch!r}; allowed: an int >= 1")
+    if config.epochs < epoch:
+        raise ValueError(
+            f"Invalid epochs: {config.epochs}; checkpoint {path!r} was written after epoch {epoch}; allowed: epochs >= {epoch}"
+        )
+
+
+def _check_same_data(state: Mapping[str, Any], data: MultimodalSplits, path: str) -> None:
+    saved, current = state["data"], _data_fingerprint(data)
+    if saved != current:
+        diffs = [f"{k}: checkpoint {saved.get(k)!r}, given {current[k]!r}" for k in current if saved.get(k) != current[k]]
+        raise ValueError(f"Invalid resume: the data differ from those of checkpoint {path!r} ({'; '.join(diffs)})")
+
+
+def _rng_state() -> dict[str, Any]:
+    """Torch's global generators (CPU, and CUDA once initialised): batch norm, dropout or a hook may use them."""
+    out: dict[str, Any] = {"torch": torch.get_rng_state(), "cuda": None}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = [s.clone() for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resume_training(
+    path: PathLike,
+    data: Optional[MultimodalSplits] = None,
+    *,
+    progress: Optional[Callable[[dict], None]] = None,
+    on_epoch_end: Optional[Callable[[int, MultimodalNet, MultimodalSplits, MaskedMultiModalSGD], Optional[dict]]] = None,
+    checkpoint: Optional[PathLike] = None,
+    checkpoint_every: int = 1,
+    **changes: Any,
+) -> dict[str, Any]:
+    """Continue the run saved in checkpoint ``path`` with the config stored in it.
+
+    ``changes`` may set the fields of :data:`RESUME_MAY_CHANGE` (e.g. ``epochs=100`` to train
+    further); ``data``, ``progress``, ``on_epoch_end``, ``checkpoint`` and ``checkpoint_every`` are
+    :func:`train`'s. Returns :func:`train`'s result.
+    """
+    path = _check_checkpoint_path(path, "resume")
+    state = load_checkpoint(path)
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(state["config"]) - names)
+    if unknown:
+        raise ValueError(f"Invalid checkpoint {path!r}: unknown config fields {unknown}")
+    bad = sorted(set(changes) - RESUME_MAY_CHANGE)
+    if bad:
+        raise ValueError(f"Invalid changes: {bad}; allowed: {sorted(RESUME_MAY_CHANGE)}")
+    config = TrainConfig(**{**state["config"], **changes}).resolved()
+    checkpoint = _check_checkpoint_options(checkpoint, checkpoint_every)
+    return _train(config, data, progress, on_epoch_end, checkpoint, checkpoint_every, state, path)
+
+
+def _check_checkpoint_options(checkpoint: Any, checkpoint_every: Any) -> Optional[str]:
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"Invalid checkpoint_every: {checkpoint_every!r}; allowed: an int >= 1")
+    if checkpoint is None:
+        return None
+    checkpoint = _check_checkpoint_path(checkpoint, "checkpoint")
+    directory = os.path.dirname(os.path.abspath(checkpoint))
+    if not os.path.isdir(directory):
+        raise ValueError(f"Invalid checkpoint: {checkpoint!r}; allowed: a file in an existing directory ({directory!r} is not one)")
+    if os.path.isdir(checkpoint):
+        raise ValueError(f"Invalid checkpoint: {checkpoint!r} is a directory; allowed: a file path")
+    return checkpoint
+
+
 def train(
     config: TrainConfig,
     data: Optional[MultimodalSplits] = None,
     *,
     progress: Optional[Callable[[dict], None]] = None,
     on_epoch_end: Optional[Callable[[int, MultimodalNet, MultimodalSplits, MaskedMultiModalSGD], Optional[dict]]] = None,
+    checkpoint: Optional[PathLike] = None,
+    checkpoint_every: int = 1,
+    resume: Optional[PathLike] = None,
 ) -> dict[str, Any]:
     """Train one method on one dataset split and evaluate it (SPEC §7). Returns a JSON-ready dict.
 
     Args:
         config: the run (see :class:`TrainConfig`).
         data: the splits; loaded from ``config.dataset`` / ``fold`` / ``data_seed`` when None.
-        progress: called after every epoch with ``{"epoch", "epochs", "val": {...}}``.
+        progress: called after every epoch with ``{"epoch", "epochs", "val": {...}, "train_loss"}``
+            (and ``"checkpoint": path`` when one was written after that epoch).
         on_epoch_end: ``f(epoch, model, data, optimizer)`` after every epoch's validation, checkpoint
             selection and re-learning; a dict it returns is stored in that epoch's history under
             ``"hook"``.
+        checkpoint: a file path; after every ``checkpoint_every``-th epoch and after the last one,
+            the whole state of the run is written there (one ``torch.save`` file, written to a
+            temporary file in the same directory and moved over ``checkpoint`` with
+            ``os.replace``, so the file is never partial), before ``progress`` is called. Its
+            directory must exist.
+        checkpoint_every: an int >= 1 (default 1).
+        resume: a file written through ``checkpoint``: the run continues after that checkpoint's
+            epoch, and its result (weights, history, best epoch, metrics; all but
+            ``wall_time_s``, which adds up the sessions) is bit-identical to the uninterrupted
+            run's. The checkpoint's config must equal ``config`` except for
+            :data:`RESUME_MAY_CHANGE` (``epochs`` may grow, ``probe`` may change; ``backend`` may
+            change, giving the same masks but float32 rounding differences), and ``data`` must
+            be the same; otherwise ``ValueError`` names what differs. ``resume`` may be the same
+            path as ``checkpoint``. :func:`resume_training` takes the config from the checkpoint.
+
+    A checkpoint holds: the format and version, the resolved config, the epoch completed, a
+    fingerprint of the data, the model's and the optimizer's state dicts (momentum buffers, step
+    counters keying the masks, rates), the estimator's EMA, OGM-GE's noise generators,
+    Diagnosing & Re-learning's initial-weight snapshot, firing count and history, the best epoch
+    with its accuracy and weights, the history, the running totals behind ``mean_rates`` and
+    ``steps``, the data-order generator and torch's global RNG (CPU, and CUDA when initialised),
+    and the wall time so far. Read it with :func:`load_checkpoint`.
 
     The result holds ``config`` (resolved), ``history`` (per epoch: train loss, mean keep rate,
     mean kept fraction and estimator fallback share per modality, validation accuracies),
@@ -247,6 +467,17 @@ def train(
     before that (epoch 0, the initial weights, if it diverged in the first epoch).
     """
     config = config.resolved()
+    checkpoint = _check_checkpoint_options(checkpoint, checkpoint_every)
+    state = None
+    if resume is not None:
+        resume = _check_checkpoint_path(resume, "resume")
+        state = load_checkpoint(resume)
+    return _train(config, data, progress, on_epoch_end, checkpoint, checkpoint_every, state, resume)
+
+
+def _train(config, data, progress, on_epoch_end, checkpoint, checkpoint_every, state, resume_path) -> dict[str, Any]:
+    if state is not None:
+        _check_resumable(state, config, resume_path)  # before loading any data
     if data is None:
         data = load_dataset(config.dataset, fold=config.fold, seed=config.data_seed)
     model, optimizer, estimator, modulation, relearner = _build(config, data)
@@ -260,8 +491,33 @@ def train(
     diverged_at: Optional[int] = None
     rate_total = {m: 0.0 for m in modalities}
     steps_total = rate_steps = 0
+    first_epoch, wall_before = 1, 0.0
+    fingerprint = _data_fingerprint(data) if checkpoint is not None or state is not None else None
+    if state is not None:
+        if state["data"] != fingerprint:
+            _check_same_data(state, data, resume_path)
+        model.load_state_dict(state["model"])
+        # The optimizer's param groups come back from the checkpoint; the backend is this run's.
+        backends = [g["backend"] for g in optimizer.param_groups]
+        optimizer.load_state_dict(state["optimizer"])
+        for group, backend in zip(optimizer.param_groups, backends):
+            group["backend"] = backend
+        for part, name in ((estimator, "estimator"), (modulation, "modulation"), (relearner, "relearner")):
+            if (part is None) != (state[name] is None):
+                raise ValueError(f"Invalid checkpoint {resume_path!r}: {name} state does not match the method {config.method!r}")
+            if part is not None:
+                part.load_state_dict(state[name])
+        history = list(state["history"])
+        best = state["best"]
+        best_epoch, best_acc, best_state = best["epoch"], best["accuracy"], best["state"]
+        totals = state["totals"]
+        rate_total = {m: float(totals["rate"][m]) for m in modalities}
+        rate_steps, steps_total = totals["rate_steps"], totals["steps"]
+        first_epoch, wall_before = state["epoch"] + 1, float(state["wall_time_s"])
+        gen.set_state(state["rng"]["data_order"])
+        _set_rng_state(state["rng"])  # last: building the model above drew from the global RNG
     start = time.perf_counter()
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(first_epoch, config.epochs + 1):
         model.train()
         perm = torch.randperm(n_train, generator=gen)
         loss_sum, steps = 0.0, 0
@@ -333,9 +589,24 @@ def train(
             if extra is not None:
                 row["hook"] = extra
         history.append(row)
+        event = {"epoch": epoch, "epochs": config.epochs, "val": val, "train_loss": row["train_loss"]}
+        if checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == config.epochs):
+            _atomic_save({
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": asdict(config), "epoch": epoch,
+                "data": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "estimator": None if estimator is None else estimator.state_dict(),
+                "modulation": None if modulation is None else modulation.state_dict(),
+                "relearner": None if relearner is None else relearner.state_dict(),
+                "best": {"epoch": best_epoch, "accuracy": best_acc, "state": best_state},
+                "history": history,
+                "totals": {"rate": dict(rate_total), "rate_steps": rate_steps, "steps": steps_total},
+                "rng": {"data_order": gen.get_state(), **_rng_state()},
+                "wall_time_s": wall_before + time.perf_counter() - start,
+            }, checkpoint)
+            event["checkpoint"] = checkpoint
         if progress is not None:
-            progress({"epoch": epoch, "epochs": config.epochs, "val": val, "train_loss": row["train_loss"]})
-    wall = time.perf_counter() - start
+            progress(event)
+    wall = wall_before + time.perf_counter() - start
     model.load_state_dict(best_state)
     result: dict[str, Any] = {
         "config": asdict(config),

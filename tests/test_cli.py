@@ -89,3 +89,53 @@ def test_bench_writes_json_with_machine_and_results(tmp_path, capsys):
     for r in data["results"]:
         assert r["median_ms"] > 0 and r["ratio_to_sgd_foreach"] > 0
     assert "x SGD" in capsys.readouterr().out
+
+
+def _train_args(tmp_path, name, *extra):
+    out = tmp_path / f"{name}.json"
+    base = ["train", "--dataset", "synthetic:xor", "--method", "amss", "--batch-size", "500", "--no-probe", "--quiet",
+            "--backend", "reference", "--json", str(out)]
+    return base + list(extra), out
+
+
+def _without_wall_time(path):
+    import json
+
+    run = json.loads(path.read_text())
+    run.pop("wall_time_s")
+    return run
+
+
+def test_cli_train_checkpoint_and_resume_continue_the_run_bit_identically(tmp_path, capsys):
+    ckpt = tmp_path / "run.pt"
+    args, full = _train_args(tmp_path, "full", "--epochs", "3")
+    assert main(args) == 0
+    args, _ = _train_args(tmp_path, "part", "--epochs", "2", "--checkpoint", str(ckpt), "--checkpoint-every", "2")
+    assert main(args) == 0 and ckpt.is_file()
+    capsys.readouterr()
+    args, resumed = _train_args(tmp_path, "resumed", "--epochs", "3", "--resume", str(ckpt), "--checkpoint", str(ckpt))
+    assert main([a for a in args if a != "--quiet"]) == 0
+    assert _without_wall_time(resumed) == _without_wall_time(full)
+    err = capsys.readouterr().err  # the resumed run trains epoch 3 only, and says where it saved
+    assert "epoch   1/3" not in err and "epoch   3/3" in err and f"(checkpoint {ckpt})" in err
+
+
+def test_cli_train_checkpoint_bad_input_exits_2(tmp_path, capsys):
+    ckpt = tmp_path / "run.pt"
+    args, _ = _train_args(tmp_path, "one", "--epochs", "1", "--checkpoint", str(ckpt))
+    assert main(args) == 0
+    cases = [
+        (["--checkpoint-every", "0", "--checkpoint", str(ckpt)], "Invalid --checkpoint-every: '0'"),
+        (["--checkpoint-every", "x", "--checkpoint", str(ckpt)], "Invalid --checkpoint-every: 'x'"),
+        (["--checkpoint-every", "2"], "Invalid --checkpoint-every without --checkpoint"),
+        (["--resume", str(tmp_path / "missing.pt")], "no such file"),
+        (["--checkpoint", str(tmp_path / "no" / "run.pt")], "an existing directory"),
+        (["--resume", str(ckpt), "--lr", "0.1", "--seed", "3"], "seed: checkpoint 0, config 3; lr: checkpoint 0.01, config 0.1."),
+        (["--resume", str(tmp_path / "one.json")], "not a readable masked_optim training checkpoint"),
+    ]
+    for extra, message in cases:
+        args, _ = _train_args(tmp_path, "bad", "--epochs", "2", *extra)
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err, extra
