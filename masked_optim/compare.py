@@ -95,12 +95,15 @@ def run_compare(
     base: Optional[TrainConfig] = None,
     progress: bool = True,
     stream=None,
+    data_seeds: Optional[Sequence[int]] = None,
 ) -> dict[str, Any]:
-    """Train every method for every seed and fold; returns the JSON-ready comparison.
+    """Train every method for every seed, fold and data draw; returns the JSON-ready comparison.
 
-    ``base`` supplies every other :class:`TrainConfig` field (its ``dataset``, ``method``, ``seed``
-    and ``fold`` are replaced). The data of each fold is loaded once and shared by the methods.
-    ``folds=None`` runs every fold of the dataset (one for datasets without folds).
+    ``base`` supplies every other :class:`TrainConfig` field (its ``dataset``, ``method``, ``seed``,
+    ``fold`` and ``data_seed`` are replaced). The data of each fold and draw is loaded once and
+    shared by the methods. ``folds=None`` runs every fold of the dataset (one for datasets without
+    folds); ``data_seeds=None`` runs ``base.data_seed`` only (draws matter for synthetic data).
+    Runs are paired with ``joint`` by (seed, fold, data draw).
     """
     if not methods:
         raise ValueError(f"Invalid methods: {list(methods)!r}; allowed: at least one method")
@@ -112,15 +115,19 @@ def run_compare(
         raise ValueError(f"Invalid seeds: {list(seeds)!r}; allowed: one or more distinct ints >= 0")
     fold_list = _parse_folds(dataset, folds)
     base = base or TrainConfig()
-    bar = _Progress(len(methods) * len(seeds) * len(fold_list), stream=stream, enabled=progress)
+    draws = [base.data_seed] if data_seeds is None else list(data_seeds)
+    if not draws or len(set(draws)) != len(draws) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in draws):
+        raise ValueError(f"Invalid data_seeds: {draws!r}; allowed: one or more distinct ints >= 0")
+    bar = _Progress(len(methods) * len(seeds) * len(fold_list) * len(draws), stream=stream, enabled=progress)
     runs: list[dict[str, Any]] = []
     started = time.perf_counter()
-    for fold in fold_list:
-        data = load_dataset(dataset, fold=fold, seed=base.data_seed)
+    for draw, fold in [(d, f) for d in draws for f in fold_list]:
+        data = load_dataset(dataset, fold=fold, seed=draw)
         for seed in seeds:
             for method in methods:
-                config = replace(base, dataset=dataset, method=method, seed=seed, fold=fold)
-                label = f"{method} seed {seed}" + (f" fold {fold}" if len(fold_list) > 1 or fold else "")
+                config = replace(base, dataset=dataset, method=method, seed=seed, fold=fold, data_seed=draw)
+                label = (f"{method} seed {seed}" + (f" fold {fold}" if len(fold_list) > 1 or fold else "")
+                         + (f" draw {draw}" if len(draws) > 1 or draw else ""))
                 result = train(config, data, progress=lambda ev, lab=label: bar.update(lab, ev["epoch"], ev["epochs"]))
                 slices = " ".join(f"{m} {v:.3f}" for m, v in result["test"]["slice_accuracy"].items())
                 bar.finish_run(label, f"test acc {result['test']['accuracy']:.3f}, slices {slices}")
@@ -135,6 +142,7 @@ def run_compare(
         "methods": list(methods),
         "seeds": list(seeds),
         "folds": fold_list,
+        "data_seeds": draws,
         "total_wall_time_s": time.perf_counter() - started,
         "runs": runs,
     }
@@ -146,8 +154,8 @@ def merge_comparisons(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One comparison from several of the same dataset: folds or seeds run in separate processes,
     or methods added to an earlier comparison.
 
-    Raises ``ValueError`` if the parts differ in dataset or modalities, or if a (method, seed, fold)
-    run appears twice. Runs keep their order (part by part); methods are the union in first-seen
+    Raises ``ValueError`` if the parts differ in dataset or modalities, or if a (method, seed, fold,
+    data draw) run appears twice. Runs keep their order (part by part); methods are the union in first-seen
     order; seeds and folds are the sorted unions; the summary is recomputed (paired differences
     use the ``joint`` runs of any part); ``total_wall_time_s`` is the sum of the parts'.
     """
@@ -162,9 +170,11 @@ def merge_comparisons(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     runs = []
     for part in parts:
         for run in part["runs"]:
-            key = (run["config"]["method"], run["config"]["seed"], run["config"]["fold"])
+            key = (run["config"]["method"], *_pair_key(run))
             if key in seen:
-                raise ValueError(f"Invalid parts: run (method, seed, fold) = {key} appears twice; allowed: each run once")
+                raise ValueError(
+                    f"Invalid parts: run (method, seed, fold, data draw) = {key} appears twice; allowed: each run once"
+                )
             seen.add(key)
             runs.append(run)
     merged = dict(parts[0])
@@ -173,11 +183,18 @@ def merge_comparisons(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         methods=list(dict.fromkeys(m for p in parts for m in p["methods"])),
         seeds=sorted({s for p in parts for s in p["seeds"]}),
         folds=sorted({f for p in parts for f in p["folds"]}),
+        data_seeds=sorted({d for p in parts for d in p.get("data_seeds", [0])}),
         total_wall_time_s=sum(p["total_wall_time_s"] for p in parts),
         merged_from=len(parts),
     )
     merged["summary"] = summarise(merged)
     return merged
+
+
+def _pair_key(run: dict[str, Any]) -> tuple[int, int, int]:
+    """(seed, fold, data draw): what a run is paired with ``joint`` by."""
+    config = run["config"]
+    return config["seed"], config["fold"], config.get("data_seed", 0)
 
 
 def _metric_rows(run: dict[str, Any]) -> dict[str, float]:
@@ -195,9 +212,9 @@ def _metric_rows(run: dict[str, Any]) -> dict[str, float]:
 
 def summarise(comparison: dict[str, Any]) -> dict[str, Any]:
     """Per method and metric: mean, std (ddof 1), n, and the paired difference from ``joint`` ± its s.e."""
-    by_method: dict[str, dict[tuple[int, int], dict[str, float]]] = {}
+    by_method: dict[str, dict[tuple[int, int, int], dict[str, float]]] = {}
     for run in comparison["runs"]:
-        key = (run["config"]["seed"], run["config"]["fold"])
+        key = _pair_key(run)
         by_method.setdefault(run["config"]["method"], {})[key] = _metric_rows(run)
     baseline = by_method.get(BASELINE)
     summary: dict[str, Any] = {}

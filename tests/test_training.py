@@ -245,6 +245,26 @@ def test_compare_rejects_bad_input():
         run_compare("synthetic:xor", ["joint"], [])
 
 
+def test_data_draws_are_paired_and_merge_like_folds():
+    base = TrainConfig(epochs=1, probe=False)
+    whole = run_compare("synthetic:xor", ["joint", "amss"], [0], base=base, progress=False, data_seeds=[0, 1])
+    assert whole["data_seeds"] == [0, 1] and [r["config"]["data_seed"] for r in whole["runs"]] == [0, 0, 1, 1]
+    runs = {(r["config"]["method"], r["config"]["data_seed"]): r["test"]["accuracy"] for r in whole["runs"]}
+    assert runs["joint", 0] != runs["joint", 1]  # another draw is other data
+    d = [runs["amss", k] - runs["joint", k] for k in (0, 1)]
+    assert whole["summary"]["amss"]["n"] == 2
+    assert whole["summary"]["amss"]["accuracy"]["diff_vs_joint"] == pytest.approx(sum(d) / 2, abs=1e-12)
+    parts = [dict(whole, runs=[r for r in whole["runs"] if r["config"]["data_seed"] == k], data_seeds=[k]) for k in (0, 1)]
+    for part in parts:
+        part["summary"] = summarise(part)
+    merged = merge_comparisons(parts)
+    assert merged["summary"] == whole["summary"] and merged["data_seeds"] == [0, 1]
+    with pytest.raises(ValueError, match=r"\(method, seed, fold, data draw\) = \('joint', 0, 0, 0\) appears twice"):
+        merge_comparisons([parts[0], parts[0]])
+    with pytest.raises(ValueError, match=r"Invalid data_seeds: \[1, 1\]"):
+        run_compare("synthetic:xor", ["joint"], [0], data_seeds=[1, 1])
+
+
 # --- the CLI ---------------------------------------------------------------------------------
 
 
