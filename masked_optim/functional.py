@@ -15,6 +15,13 @@ For each tensor, the update is
 4. masked gradient ``M g`` (``amss``, ``uniform``) or ``M g / q`` (``amss+``, unbiased uniform);
 5. ``torch.optim.SGD``'s update, op for op, on the masked gradient.
 
+``mask="scale"`` (SPEC §2.5) skips steps 1-4: no scores, no sampling, no random numbers. The
+gradient is multiplied by the rate, ``g~ = rate * g`` (one rounded product in the compute dtype,
+as ``torch.mul(g, rate)``), i.e. a per-modality step size on the gradient only (weight decay and
+momentum are applied after, as for every mode). Granularity, ``sampler`` and ``unbiased`` do not
+apply to it and are ignored here (the optimizer refuses ``unbiased=True``); every unit counts as
+kept. ``rate = 1`` is plain SGD, as for the other modes.
+
 Half-precision tensors (float16, bfloat16) are processed in float32 ("opmath") and rounded back
 once per step, as the fused kernels do; float32 and float64 tensors are processed in their own
 dtype, so that with masking off the update is bit-identical to ``torch.optim.SGD``.
@@ -43,7 +50,7 @@ __all__ = [
     "ShardSpec",
 ]
 
-MASKS = ("none", "uniform", "amss", "amss+")
+MASKS = ("none", "uniform", "amss", "amss+", "scale")
 GRANULARITIES = ("element", "channel")
 SAMPLERS = ("poisson", "multinomial")
 WATERFILL_MAX_ITER = 4
@@ -178,7 +185,9 @@ def masked_gradient(
     (float32 for half-precision gradients). ``key`` is the Philox key of this tensor at this step
     (:func:`masked_optim.rng.derive_key`). The count is a 0-d int64 tensor on the gradient's
     device when units were sampled; with ``mask="none"`` or ``rate >= 1`` the gradient is returned
-    unchanged and the count is the python int ``N`` (no device work on the dense path).
+    unchanged and the count is the python int ``N`` (no device work on the dense path). With
+    ``mask="scale"`` the result is ``rate * g`` and the count is the python int ``N`` (no unit is
+    dropped; ``granularity``, ``sampler`` and ``unbiased`` are ignored).
 
     ``shard`` (:class:`ShardSpec`): ``grad`` is the local shard (along dim 0) of a larger tensor;
     the result is the local part of the whole tensor's masked gradient and the count is local.
@@ -188,6 +197,8 @@ def masked_gradient(
     n = _num_units(grad.shape, granularity)
     if mask == "none" or rate >= 1.0 or (n == 0 if shard is None else shard.num_units == 0):
         return g, n
+    if mask == "scale":  # a per-modality step size: no sampling, local to each shard
+        return g * float(rate), n
     if unbiased is None:
         unbiased = mask == "amss+"
     if shard is not None and sampler == "multinomial":
@@ -253,7 +264,7 @@ def _single_tensor_masked_sgd(
     sampler: str,
     unbiased: Optional[bool],
     max_iter: int,
-    shards: Optional[list[Optional[ShardSpec]]],
+    shards: Optional[list[Optional[ShardSpec]]] = None,
 ) -> list[Union[Tensor, int]]:
     kept_counts = []
     for i, param in enumerate(params):

@@ -36,6 +36,8 @@ class ModalityStats:
     different rates). ``kept_units`` / ``total_units``: units kept and units considered over the
     modality's masked tensors (``total_units == 0`` when none of them was masked, e.g. shared
     parameters or ``mask="none"``); ``kept_fraction`` is their ratio (1.0 when nothing was masked).
+    A ``mask="scale"`` tensor drops no unit: its units count in both (``kept_fraction`` 1.0) and
+    ``rate`` is the factor its gradient was multiplied by.
     ``backend``: the implementation that ran.
     """
 
@@ -89,6 +91,12 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
 
 def _check_rate(name: str, value: Any) -> float:
     return _check_number(name, value, low=0.0, high=1.0, low_open=True, allowed="a number in (0, 1]")
+
+
+def _sampler(group: Mapping[str, Any]) -> str:
+    """The sampler that matters for backend selection: ``mask="scale"`` samples nothing, so its
+    ``sampler`` option is ignored (the fused kernels run it even with ``sampler="multinomial"``)."""
+    return "poisson" if group["mask"] == "scale" else group["sampler"]
 
 
 def _mode_code(group: Mapping[str, Any]) -> int:
@@ -145,14 +153,15 @@ def _by_device(tensors: list[Tensor]) -> list[list[Tensor]]:
 
 
 class MaskedMultiModalSGD(Optimizer):
-    r"""SGD that, for every modality, updates only an importance-sampled subnetwork (AMSS / AMSS+).
+    r"""SGD that, for every modality, updates only an importance-sampled subnetwork (AMSS / AMSS+),
+    or (``mask="scale"``) scales each modality's gradient by its rate.
 
     A drop-in replacement for :class:`torch.optim.SGD`. Parameter groups carry a ``modality``
     (a string, or ``None`` for shared parameters such as a fusion head, which are updated densely)
     and may opt out of masking with ``masked=False``. Every modality ``m`` has a keep rate
     :math:`\rho_m \in (0, 1]` (:meth:`set_rates`, or ``step(rates=...)`` for one step; 1.0 until
     set, which is a dense SGD step). For each tensor of a masked group, with gradient :math:`g`
-    (negated when ``maximize``):
+    (negated when ``maximize``), the sampling modes draw
 
     .. math::
         s_j = g_j^2, \quad
@@ -168,7 +177,12 @@ class MaskedMultiModalSGD(Optimizer):
     * ``mask="uniform"``: :math:`q_j = \rho_m`, :math:`\tilde g = M g` (:math:`M g / \rho_m` with
       ``unbiased=True``);
     * ``mask="amss"``: :math:`\tilde g = M g` (biased: the expected update is :math:`q g`);
-    * ``mask="amss+"``: :math:`\tilde g = M g / q` (unbiased: :math:`E[\tilde g] = g`).
+    * ``mask="amss+"``: :math:`\tilde g = M g / q` (unbiased: :math:`E[\tilde g] = g`);
+    * ``mask="scale"``: :math:`\tilde g = \rho_m g`, no sampling and no random numbers: a
+      per-modality step size on the gradient only (the expected update of ``uniform`` without its
+      noise). Every unit is updated, so :meth:`last_step_stats` reports ``kept_fraction`` 1.0 and
+      ``kept_units == total_units``; ``granularity`` does not change the result and ``sampler`` is
+      ignored (any backend runs it); ``unbiased=True`` is an error.
 
     ``sampler="multinomial"`` instead keeps exactly :math:`\lceil \rho_m N \rceil` units drawn
     without replacement with probability proportional to :math:`s_j`, and ``amss+`` then scales a
@@ -186,22 +200,23 @@ class MaskedMultiModalSGD(Optimizer):
         params: parameters or parameter groups (dicts). Groups may set ``modality``, ``masked``,
             ``rate`` and override every keyword below except ``nonfinite``.
         lr, momentum, dampening, weight_decay, nesterov, maximize: as :class:`torch.optim.SGD`.
-        mask: ``"none"``, ``"uniform"``, ``"amss"`` or ``"amss+"`` (default).
+        mask: ``"none"``, ``"uniform"``, ``"amss"``, ``"amss+"`` (default) or ``"scale"``.
         granularity: ``"element"`` (default) or ``"channel"``.
         smoothing: :math:`\gamma \in [0, 1]`, mixes the importance with the uniform distribution
             so that no unit is rescaled by more than :math:`1 / (\rho_m \gamma)` (default 0.5).
         sampler: ``"poisson"`` (default) or ``"multinomial"`` (reference-faithful, python only).
+            Ignored by ``mask="scale"``, which samples nothing.
         unbiased: ``None`` (default: the mode's own meaning), or ``True`` with ``mask="uniform"``
-            to rescale kept units by :math:`1/\rho_m`. ``amss`` is biased and ``amss+`` unbiased
-            by definition; contradicting them is an error.
+            to rescale kept units by :math:`1/\rho_m`. ``amss`` and ``scale`` are biased and
+            ``amss+`` unbiased by definition; contradicting them is an error.
         seed: non-negative int keying the mask stream. The mask of tensor ``i`` at its ``t``-th
             step is a pure function of ``(seed, t, i)``, and both are in :meth:`state_dict`.
         backend: ``"auto"`` (default: the fused kernel for the tensors' device when available, else
             the reference with a one-time warning), ``"reference"`` (pure PyTorch), ``"cpp"``,
             ``"cuda"`` or ``"triton"`` (an explicit backend that cannot run raises
             :class:`~masked_optim.backends.BackendUnavailable`). Tensors with nothing to mask (shared
-            or ``masked=False`` groups, ``mask="none"``, rate 1) always run ``torch.optim.SGD``'s
-            own ops, so that masking off is SGD bit for bit on every backend.
+            or ``masked=False`` groups, ``mask="none"``, rate 1, ``scale`` included) always run
+            ``torch.optim.SGD``'s own ops, so that masking off is SGD bit for bit on every backend.
         nonfinite: what a step does when a gradient holds NaN or Inf: ``"raise"`` (default,
             nothing is updated), ``"skip"`` (nothing is updated; :meth:`last_step_stats` reports
             it and ``skipped_steps`` counts it) or ``"ignore"`` (update anyway, like
@@ -287,6 +302,11 @@ class MaskedMultiModalSGD(Optimizer):
                 f"Invalid {p}unbiased=True with mask='amss'; allowed: None or False "
                 "(mask='amss+' is the unbiased AMSS)"
             )
+        if group["mask"] == "scale" and unbiased is True:
+            raise ValueError(
+                f"Invalid {p}unbiased=True with mask='scale'; allowed: None or False (mask='scale' "
+                "multiplies the gradient by the rate: a biased per-modality step size, nothing to rescale)"
+            )
         if group["mask"] == "amss+" and unbiased is False:
             raise ValueError(
                 f"Invalid {p}unbiased=False with mask='amss+'; allowed: None or True "
@@ -335,7 +355,7 @@ class MaskedMultiModalSGD(Optimizer):
         self._validate_group(param_group, where=f"param group {group_index}: ")
         for device in {p.device for p in params if isinstance(p, Tensor)}:
             # An explicit backend that cannot run on these tensors fails here, with the reason.
-            resolve_backend(param_group["backend"], device, param_group["sampler"])
+            resolve_backend(param_group["backend"], device, _sampler(param_group))
         if any(_is_dtensor(p) for p in params):
             if param_group["backend"] not in ("auto", "reference"):
                 raise BackendUnavailable(
@@ -343,7 +363,7 @@ class MaskedMultiModalSGD(Optimizer):
                     f"param group {group_index}: the fused kernels take no global unit offset yet; use "
                     "backend='auto' or 'reference' (the pure-PyTorch step, exact for shards)"
                 )
-            if param_group["sampler"] == "multinomial":
+            if _sampler(param_group) == "multinomial":
                 raise ValueError(
                     f"Invalid sampler='multinomial' for the sharded (DTensor, FSDP) parameters of param group "
                     f"{group_index}; allowed: 'poisson' (the multinomial sampler needs a global top-k)"
@@ -508,7 +528,8 @@ class MaskedMultiModalSGD(Optimizer):
             plan.append((group, params, local_params, grads, bufs, keys, shards))
 
         # Phase 1: decide each tensor's backend; run the fused stage 1 (per-tensor scalars) of the
-        # cpp tensors, whose sum of g^2 doubles as their non-finite check, and probe the others.
+        # cpp tensors, whose sum of g^2 doubles as their non-finite check, and probe the others
+        # (mask="scale" has no stage 1: its cpp tensors get the one-pass min + max probe too).
         # Probes of sharded tensors are summed over their shards, so that every rank decides alike.
         check = self.nonfinite != "ignore"
         probes: list[Tensor] = []
@@ -520,7 +541,7 @@ class MaskedMultiModalSGD(Optimizer):
             rate = 1.0 if modality is None else overrides.get(modality, group["rate"])
             sparse_rate = not dense and rate < 1.0
             names = [
-                self._resolve(group["backend"], p.device, group["sampler"]) if sparse_rate and not _is_dtensor(p) else "reference"
+                self._resolve(group["backend"], p.device, _sampler(group)) if sparse_rate and not _is_dtensor(p) else "reference"
                 for p in params
             ]
             prepared: list = [None] * len(params)
@@ -528,7 +549,7 @@ class MaskedMultiModalSGD(Optimizer):
                 if check and shards[i] is not None:
                     low, high = torch.aminmax(g) if g.numel() else (g.new_zeros(()), g.new_zeros(()))
                     shard_probes.setdefault(shards[i].all_reduce, []).append(low.double() + high.double())
-                elif check and names[i] == "cpp":
+                elif check and names[i] == "cpp" and group["mask"] != "scale":
                     scalars, scores, sumsq = torch.ops.masked_optim.tensor_scalars(
                         g, float(rate), float(group["smoothing"]), WATERFILL_MAX_ITER, _mode_code(group),
                         group["granularity"] == "channel",

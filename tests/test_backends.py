@@ -4,6 +4,7 @@ Kernel-level parity: each step the kernel is fed the reference's per-tensor scal
 ``[alpha, beta]`` (and, per channel, the reference's unit scores), so masks must be bit-identical;
 parameters and momentum buffers must agree within the dtype tolerance table over 10 steps.
 The scalars the kernel computes itself are compared with the reference's within the same table.
+Mode 5 (``mask="scale"``) draws nothing: its kept count is every unit and its scalars are [0, 1].
 """
 
 import os
@@ -19,7 +20,7 @@ from tolerances import TOLERANCES, assert_close_normwise
 
 CPU = torch.device("cpu")
 FUSED = ["cpp", "triton"]
-MODES = {1: ("uniform", False), 2: ("uniform", True), 3: ("amss", None), 4: ("amss+", None)}
+MODES = {1: ("uniform", False), 2: ("uniform", True), 3: ("amss", None), 4: ("amss+", None), 5: ("scale", None)}
 SHAPES = [(0,), (1,), (4097,), (278011,), (5, 123, 123), (64, 3, 3, 3)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 STEPS = 10
@@ -36,6 +37,8 @@ def _require(backend):
 def _reference_scalars(grad, rate, mode, granularity, maximize):
     g = -grad if maximize else grad
     scores = unit_scores(g, granularity)
+    if mode == 5:  # scale: q = 1, nothing to compute
+        return scores, torch.tensor([0.0, 1.0], dtype=scores.dtype)
     if mode in (1, 2):
         return scores, torch.tensor([0.0, rate], dtype=scores.dtype)
     alpha, beta = inclusion_scalars(scores, rate, 0.5)
@@ -75,7 +78,7 @@ def test_kernel_matches_reference(backend, mode, granularity, dtype, shape):
     bufs = [None]
     b_ker = torch.empty_like(p_ker)
     momentum, dampening, nesterov, wd = (0.9, 0.0, True, 1e-2) if mode % 2 else (0.9, 0.1, False, 0.0)
-    maximize = mode == 4
+    maximize = mode in (4, 5)
     for step in range(STEPS):
         rate = [0.3, 0.7, 0.05][step % 3]
         key = derive_key(7, step, 3)
@@ -120,7 +123,7 @@ def test_dense_mode_is_sgd(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("mask", ["amss", "amss+", "uniform"])
+@pytest.mark.parametrize("mask", ["amss", "amss+", "uniform", "scale"])
 def test_optimizer_on_fused_backend_matches_reference_backend(backend, mask):
     """Through the optimizer, non-contiguous and zero-size parameters included, 10 steps."""
     _require(backend)
@@ -134,7 +137,8 @@ def test_optimizer_on_fused_backend_matches_reference_backend(backend, mask):
             torch.randn(6, 2, 3, generator=gen).requires_grad_(),
         ]
         opt = MaskedMultiModalSGD([{"params": ps, "modality": "m"}], lr=0.1, momentum=0.9, weight_decay=1e-3,
-                                  mask=mask, granularity="channel" if mask == "amss" else "element", backend=name)
+                                  mask=mask, granularity="channel" if mask in ("amss", "scale") else "element",
+                                  backend=name)
         return ps, opt
 
     ps_ref, opt_ref = build("reference")
@@ -172,14 +176,14 @@ def test_kernel_rejects_bad_input():
     p = torch.zeros(4)
     with pytest.raises(RuntimeError, match="grad must match param"):
         k(p, torch.zeros(5), p.new_empty(0), None, None, 1, 0.5, 0.5, 4, 3, False, 0.1, 0.0, 0.0, 0.0, False, False, False)
-    with pytest.raises(RuntimeError, match=r"mode must be in 0\.\.4"):
+    with pytest.raises(RuntimeError, match=r"mode must be in 0\.\.5"):
         k(p, torch.zeros(4), p.new_empty(0), None, None, 1, 0.5, 0.5, 4, 7, False, 0.1, 0.0, 0.0, 0.0, False, False, False)
     with pytest.raises(RuntimeError, match="momentum_buffer must be a contiguous tensor like param"):
         k(p, torch.zeros(4), p.new_empty(0), None, None, 1, 0.5, 0.5, 4, 3, False, 0.1, 0.9, 0.0, 0.0, False, False, False)
 
 
 @pytest.mark.parametrize("granularity", ["element", "channel"])
-@pytest.mark.parametrize("mode", [1, 3, 4], ids=["uniform", "amss", "amss+"])
+@pytest.mark.parametrize("mode", [1, 3, 4, 5], ids=["uniform", "amss", "amss+", "scale"])
 def test_tensor_scalars_is_the_fused_stage_one(mode, granularity):
     """The optimizer's phase 1: the same [alpha, beta] the fused step computes, and the sum of g^2."""
     _require("cpp")
@@ -190,18 +194,21 @@ def test_tensor_scalars_is_the_fused_stage_one(mode, granularity):
                                0.1, 0.0, 0.0, 0.0, False, False, False)
     assert torch.equal(scalars, own)
     torch.testing.assert_close(sumsq, g.double().square().sum(), rtol=1e-6, atol=0)
-    if channel:
+    if mode == 5:  # scale has no stage 1
+        assert torch.equal(scalars, torch.tensor([0.0, 1.0])) and scores.numel() == 0
+    elif channel:
         torch.testing.assert_close(scores, unit_scores(g, "channel"), **TOLERANCES[torch.float32])
     else:
         assert scores.numel() == 0
 
 
+@pytest.mark.parametrize("mask", ["amss+", "scale"])
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
-def test_large_finite_gradients_are_not_mistaken_for_non_finite(backend):
+def test_large_finite_gradients_are_not_mistaken_for_non_finite(backend, mask):
     """The cheap check (a sum of g^2, or min + max) overflows; the precise check clears the alarm."""
     _require(backend)
     p = torch.zeros(1000, dtype=torch.float64, requires_grad=True)
-    opt = MaskedMultiModalSGD([{"params": [p], "modality": "m"}], lr=1e-300, backend=backend)
+    opt = MaskedMultiModalSGD([{"params": [p], "modality": "m"}], lr=1e-300, backend=backend, mask=mask)
     p.grad = torch.full((1000,), 1.7e308, dtype=torch.float64)  # min + max and sum of g^2 overflow
     opt.step(rates={"m": 0.5})
     assert not opt.last_step_stats().skipped and torch.isfinite(p).all()

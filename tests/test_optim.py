@@ -456,3 +456,167 @@ def test_works_with_modality_param_groups_and_a_real_model():
         opt.step(rates={"a": 0.3, "b": 0.9})
     s = opt.last_step_stats()
     assert s["a"].total_units == 5 * 8 and s["b"].total_units == 3 * 8  # biases and norms dense
+
+
+# ----------------------------------------------------------------------------- mask="scale"
+def _scale_backends():
+    """Every backend that runs here; triton on CPU only in its interpreter (tests/conftest.py)."""
+    from masked_optim.backends import backend_status
+
+    out = []
+    for name in ("reference", "cpp", "triton"):
+        reason = backend_status(name, torch.device("cpu"))
+        out.append(pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
+    return out
+
+
+def _scale_opt(backend, granularity="element", **kw):
+    a, v, h = two_modality_params()
+    opt = MaskedMultiModalSGD(groups(a, v, h), lr=0.1, momentum=0.9, weight_decay=1e-3, mask="scale",
+                              granularity=granularity, backend=backend, **kw)
+    return opt, a + v + h
+
+
+@pytest.mark.parametrize("granularity", ["element", "channel"])
+@pytest.mark.parametrize("backend", _scale_backends())
+def test_scale_stats_report_every_unit_kept_and_the_rate(backend, granularity):
+    opt, params = _scale_opt(backend, granularity)
+    before = [p.detach().clone() for p in params]
+    fill_grads(params, 0)
+    opt.step(rates={"audio": 0.3, "video": 0.6})
+    s = opt.last_step_stats()
+    units_a = 64 * 32 + 32 if granularity == "element" else 64 + 32
+    units_v = 16 * 3 * 5 if granularity == "element" else 16
+    for m, rate, n in (("audio", 0.3, units_a), ("video", 0.6, units_v)):
+        assert s[m].rate == rate and s[m].backend == backend
+        assert s[m].kept_units == s[m].total_units == n and s[m].kept_fraction == 1.0
+    assert s[None].total_units == 0 and s[None].backend == "reference" and not s.skipped
+    # first step with momentum: p = p0 - lr * (rho * g + wd * p0), every element moved
+    for p, p0, rho in zip(params[:3], before[:3], (0.3, 0.3, 0.6)):
+        expected = p0 - 0.1 * (p.grad * rho + 1e-3 * p0)
+        torch.testing.assert_close(p, expected, **TOLERANCES[torch.float32])
+        wrong = p0 - 0.1 * (p.grad * rho * rho + 1e-3 * p0)
+        assert not torch.allclose(p, wrong, **TOLERANCES[torch.float32])
+        assert (p != p0).all()
+
+
+def test_scale_auto_backend_is_the_fused_one_and_matches_reference():
+    results = {}
+    for backend in ("auto", "reference"):
+        opt, params = _scale_opt(backend)
+        for step in range(3):
+            fill_grads(params, step)
+            opt.step(rates=_rates_at(step))
+        results[backend] = (params, opt.last_step_stats())
+    assert results["auto"][1]["audio"].backend == resolve_backend("auto", torch.device("cpu"))
+    for p, q in zip(results["auto"][0], results["reference"][0]):
+        torch.testing.assert_close(p, q, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize(
+    "make,pattern",
+    [
+        (lambda: MaskedMultiModalSGD(_p(), mask="scale", unbiased=True),
+         r"Invalid unbiased=True with mask='scale'; allowed: None or False"),
+        (lambda: MaskedMultiModalSGD([{"params": _p(), "modality": "a"}]).add_param_group(
+            {"params": _p(), "modality": "b", "mask": "scale", "unbiased": True}),
+         r"Invalid param group 1: unbiased=True with mask='scale'; allowed: None or False"),
+        (lambda: MaskedMultiModalSGD([{"params": _p(), "modality": "a", "mask": "scale"}], unbiased=True),
+         r"Invalid param group 0: unbiased=True with mask='scale'"),
+    ],
+)
+def test_scale_refuses_unbiased_true(make, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        make()
+
+
+def test_scale_accepts_unbiased_false_and_ignores_the_sampler():
+    """sampler is documented as ignored by scale: multinomial runs on the fused backend and gives the
+    poisson result bit for bit (no sample is drawn either way)."""
+    out = []
+    for sampler, unbiased in (("poisson", None), ("multinomial", False)):
+        opt, params = _scale_opt(resolve_backend("auto", torch.device("cpu")), sampler=sampler, unbiased=unbiased)
+        for step in range(3):
+            fill_grads(params, step)
+            opt.step(rates=_rates_at(step))
+        assert opt.last_step_stats()["audio"].backend == resolve_backend("auto", torch.device("cpu"))
+        out.append(params)
+    assert all(torch.equal(p, q) for p, q in zip(*out))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("backend", _scale_backends())
+def test_scale_nonfinite_gradient_raises_and_updates_nothing(backend, bad):
+    opt, params = _scale_opt(backend)
+    opt.set_rates({"audio": 0.3, "video": 0.6})
+    fill_grads(params, 0)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    bufs = [opt.state[p]["momentum_buffer"].clone() for p in params]
+    fill_grads(params, 1)
+    params[0].grad[5, 7] = bad  # a scale tensor (audio), not only the shared head
+    with pytest.raises(FloatingPointError, match=r"Non-finite gradient \(NaN or Inf\) in parameters \[0\]"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], b) for p, b in zip(params, bufs))
+
+
+@pytest.mark.parametrize("backend", _scale_backends())
+def test_scale_nonfinite_gradient_skip_is_as_if_the_step_never_happened(backend):
+    opt, params = _scale_opt(backend, nonfinite="skip")
+    twin, twin_params = _scale_opt(backend)
+    for step in range(2):
+        fill_grads(params, step)
+        fill_grads(twin_params, step)
+        opt.step(rates=_rates_at(step))
+        twin.step(rates=_rates_at(step))
+    fill_grads(params, 99)
+    params[2].grad[1, 1, 1] = float("nan")  # video, a scale tensor
+    opt.step(rates={"audio": 0.3, "video": 0.5})
+    s = opt.last_step_stats()
+    assert s.skipped and s.nonfinite_params == (2,) and opt.skipped_steps == 1
+    for step in range(2, 4):
+        fill_grads(params, step)
+        fill_grads(twin_params, step)
+        opt.step(rates=_rates_at(step))
+        twin.step(rates=_rates_at(step))
+    assert all(torch.equal(p, q) for p, q in zip(params, twin_params))
+
+
+@pytest.mark.parametrize("granularity", ["element", "channel"])
+def test_scale_resume_from_state_dict_is_bit_identical(granularity):
+    """Rates, mask and momentum buffers come back from the checkpoint: the resumed run continues the
+    uninterrupted one bit for bit (a fresh optimizer built with mask='none' takes 'scale' from it)."""
+    k = 4
+    opt, params = make(mask="scale", granularity=granularity, weight_decay=1e-3)
+    for step in range(k):
+        fill_grads(params, step)
+        opt.set_rates(_rates_at(step))
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buffer)
+    for step in range(k, 2 * k):
+        fill_grads(params, step)
+        opt.set_rates(_rates_at(step)) if step % 2 else None
+        opt.step()
+
+    buffer.seek(0)
+    ckpt = torch.load(buffer)
+
+    def resume(mask_override=None):
+        resumed = [p.clone().requires_grad_() for p in ckpt["params"]]
+        fresh = MaskedMultiModalSGD(groups(resumed[:2], resumed[2:3], resumed[3:]), lr=0.5, mask="none")
+        fresh.load_state_dict(ckpt["opt"])
+        if mask_override is not None:
+            for g in fresh.param_groups:
+                g["mask"] = mask_override
+        for step in range(k, 2 * k):
+            fill_grads(resumed, step)
+            fresh.set_rates(_rates_at(step)) if step % 2 else None
+            fresh.step()
+        return resumed, fresh
+
+    resumed, fresh = resume()
+    assert [g["mask"] for g in fresh.param_groups] == ["scale"] * 3 and fresh.get_rates() == opt.get_rates()
+    assert all(torch.equal(p, q) for p, q in zip(params, resumed))
+    assert not all(torch.equal(p, q) for p, q in zip(params, resume("none")[0]))  # the mask mattered

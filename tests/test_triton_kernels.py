@@ -31,8 +31,8 @@ from masked_optim.rng import derive_key, philox_uniform  # noqa: E402
 from tolerances import assert_close  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-MODES = [0, 1, 2, 3, 4]
-MASK_NAMES = {1: "uniform", 2: "uniform", 3: "amss", 4: "amss+"}
+MODES = [0, 1, 2, 3, 4, 5]
+MASK_NAMES = {1: "uniform", 2: "uniform", 3: "amss", 4: "amss+", 5: "scale"}
 GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0"
 DEVICE = "cuda" if GPU else "cpu"
 BLOCK = 4096
@@ -79,6 +79,8 @@ def ref_masked_grad(grad, key, mode, channel, rate, scalars, scores=None, maximi
         g = -g
     gran = "channel" if channel else "element"
     n = _n_units(grad.shape, channel)
+    if mode == 5:  # scale: no mask, every unit kept
+        return g * float(rate), n
     if mode == 0 or n == 0:
         return g, (n if mode == 0 else 0)
     u = philox_uniform(key, n, device=grad.device).to(cdtype)
@@ -131,7 +133,7 @@ def test_triton_available_and_runtime_scalars_are_not_constexpr():
     assert ok and why is None and tk.TRITON_IMPORT_ERROR is None
     fn = getattr(tk._masked_sgd_kernel, "fn", tk._masked_sgd_kernel)
     params = inspect.signature(fn).parameters
-    for name in ("lr", "momentum", "one_minus_dampening", "weight_decay", "key", "numel", "inner",
+    for name in ("lr", "momentum", "one_minus_dampening", "weight_decay", "grad_scale", "key", "numel", "inner",
                  "scalars_ptr"):
         assert "constexpr" not in str(params[name].annotation), name
 
@@ -143,7 +145,7 @@ def test_reference_helper_equals_masked_gradient():
         for dtype in DTYPES:
             grad = _grad((7, 33, 5), dtype)
             key = derive_key(3, 1, 2)
-            for mode in (1, 2, 3, 4):
+            for mode in (1, 2, 3, 4, 5):
                 scalars, scores = ref_scalars(grad, channel, 0.3)
                 mine, kept = ref_masked_grad(grad, key, mode, channel, 0.3, scalars, scores)
                 theirs, kept_ref = masked_gradient(
@@ -191,6 +193,7 @@ def test_sgd_steps_match_reference(mode, channel, dtype):
     """4 optimizer configurations x 3 steps with fresh keys: kept counts exact, params and momentum
     buffers within the dtype tolerance. The first step with momentum writes b = d over a NaN buffer."""
     shape = (33, 129) if channel else (4097,)
+    rate = 0.3 if mode == 5 else 0.25  # scale: g * rate is rounded
     for cfg_index, (momentum, dampening, nesterov, weight_decay, maximize) in enumerate(SGD_CONFIGS):
         param0 = torch.randn(shape, dtype=torch.float64).to(dtype).to(DEVICE)
         p_kernel, p_ref = param0.clone(), param0.clone()
@@ -199,15 +202,15 @@ def test_sgd_steps_match_reference(mode, channel, dtype):
         for step in range(3):
             key = derive_key(cfg_index, step, mode)
             grad = _grad(shape, dtype)
-            scalars, scores = ref_scalars(grad, channel, 0.25, maximize=maximize)
+            scalars, scores = ref_scalars(grad, channel, rate, maximize=maximize)
             kept, _ = run_kernel(
-                p_kernel, grad, buf_kernel, key=key, mode=mode, channel=channel, rate=0.25,
+                p_kernel, grad, buf_kernel, key=key, mode=mode, channel=channel, rate=rate,
                 scalars=scalars if mode in (3, 4) else None,
                 scores=scores if (channel and mode in (3, 4)) else None,
                 lr=0.05, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                 maximize=maximize, first_step=step == 0,
             )
-            g_masked, kept_ref = ref_masked_grad(grad, key, mode, channel, 0.25, scalars, scores, maximize)
+            g_masked, kept_ref = ref_masked_grad(grad, key, mode, channel, rate, scalars, scores, maximize)
             ref_update(p_ref, g_masked, buf_ref, 0.05, momentum, dampening, weight_decay, nesterov)
             what = f"config {cfg_index} step {step}"
             assert int(kept) == kept_ref, what
@@ -256,13 +259,38 @@ def test_stage1_scalars_match_inclusion_scalars(shape, kind, rate, channel, dtyp
 
 
 def test_stage1_uniform_and_dense_scalars():
-    grad = _grad((100,), torch.float32)
-    for mode, expected in ((0, [0.0, 1.0]), (1, [0.0, 0.3]), (2, [0.0, 0.3])):
-        param = torch.zeros(100)
-        kept, scalars = run_kernel(param, grad, _empty_buf(param), key=1, mode=mode, channel=False, rate=0.3)
-        assert torch.equal(scalars, torch.tensor(expected, dtype=torch.float32))
+    grad = _grad((100,), torch.float32).cpu()
+    for mode, expected in ((0, [0.0, 1.0]), (1, [0.0, 0.3]), (2, [0.0, 0.3]), (5, [0.0, 1.0])):
+        param = torch.zeros(100, device=DEVICE)
+        kept, scalars = run_kernel(param, grad.to(DEVICE), _empty_buf(param), key=1, mode=mode, channel=False,
+                                   rate=0.3)
+        assert torch.equal(scalars.cpu(), torch.tensor(expected, dtype=torch.float32))
         if mode == 0:
-            assert int(kept) == 100 and torch.equal(param, -0.1 * grad)
+            assert int(kept) == 100 and torch.equal(param.cpu(), -0.1 * grad)
+        if mode == 5:  # scale: every unit kept, g~ = 0.3 * g, and no other factor
+            assert int(kept) == 100 and torch.equal(param.cpu(), -0.1 * (grad * 0.3))
+            assert not torch.equal(param.cpu(), -0.1 * (grad * 0.09))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale_ignores_granularity_key_and_scalars(dtype):
+    """Mode 5 samples nothing: channel or element, any key, given scalars or not: the same update,
+    kept = every unit of the requested granularity, [alpha, beta] = [0, 1]."""
+    grad = _grad((6, 50), dtype)
+    outs = []
+    for channel, key, scalars in ((False, 1, None), (True, 2, None),
+                                  (True, 3, torch.tensor([5.0, 0.1], dtype=_cdtype(dtype), device=DEVICE))):
+        p = torch.ones(6, 50, dtype=dtype, device=DEVICE)
+        buf = torch.full_like(p, math.nan)
+        kept, out_scalars = run_kernel(p, grad, buf, key=key, mode=5, channel=channel, rate=0.3, scalars=scalars,
+                                       momentum=0.9, weight_decay=1e-2, nesterov=True, maximize=True)
+        assert int(kept) == (6 if channel else 300)
+        assert torch.equal(out_scalars.cpu(), torch.tensor([0.0, 1.0], dtype=_cdtype(dtype)))
+        outs.append((p, buf))
+    assert all(torch.equal(p, outs[0][0]) and torch.equal(b, outs[0][1]) for p, b in outs)
+    p_ref, buf_ref = torch.ones(6, 50, dtype=dtype, device=DEVICE), [None]
+    ref_update(p_ref, -grad.to(_cdtype(dtype)) * 0.3, buf_ref, 0.1, 0.9, 0.0, 1e-2, True)
+    assert_close(outs[0][0], p_ref, dtype)
 
 
 # ------------------------------------------------------------------------------ edge shapes
@@ -274,7 +302,8 @@ def test_empty_tensors(shape, dtype):
             param = torch.zeros(shape, dtype=dtype, device=DEVICE)
             kept, scalars = run_kernel(param, torch.zeros_like(param), torch.zeros_like(param), key=1, mode=mode,
                                        channel=channel, momentum=0.9)
-            assert kept.dtype == torch.int64 and kept.dim() == 0 and int(kept) == 0
+            units = _n_units(shape, channel) if mode == 5 else 0  # scale keeps every (empty) unit
+            assert kept.dtype == torch.int64 and kept.dim() == 0 and int(kept) == units
             assert scalars.shape == (2,) and scalars.dtype == _cdtype(dtype)
 
 
@@ -336,8 +365,8 @@ def _ok_args():
 @pytest.mark.parametrize(
     "change,match",
     [
-        (dict(mode=5), "mode must be an int in 0..4"),
-        (dict(mode=True), "mode must be an int in 0..4"),
+        (dict(mode=6), "mode must be an int in 0..5"),
+        (dict(mode=True), "mode must be an int in 0..5"),
         (dict(grad=torch.zeros(8, dtype=torch.float64)), "grad.dtype must equal param.dtype"),
         (dict(grad=torch.zeros(9)), r"grad.shape must equal param.shape \(8,\)"),
         (dict(param=torch.zeros(8, dtype=torch.int32), grad=torch.zeros(8, dtype=torch.int32),
@@ -380,15 +409,20 @@ def compiled_ptx():
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
 def test_compile_for_gpu_without_a_gpu(arch, compiled_ptx):
-    """PTX for sm_80 / sm_90, float32 and bfloat16, with no FMA in any kernel (fusion is off)."""
+    """PTX for sm_80 / sm_90, float32 and bfloat16, with no FMA in any kernel (fusion is off);
+    the scale specialisation (mode 5) draws no Philox numbers."""
     ptx = compiled_ptx[arch]
-    names = {"element_reduce", "channel_scores", "waterfill_round", "masked_sgd_element", "masked_sgd_channel"}
+    names = {"element_reduce", "channel_scores", "waterfill_round", "masked_sgd_element", "masked_sgd_channel",
+             "masked_sgd_scale"}
     assert set(ptx) == {f"{n}[{t}]" for n in names for t in ("fp32", "bf16")}
     for name, text in ptx.items():
         assert f".target sm_{arch}" in text, name
         assert ".entry" in text and len(text) > 1000, name
         assert "fma.rn" not in text, name  # q = alpha*s + beta rounds the product, then the sum
     assert "div.rn.f32" in ptx["masked_sgd_element[fp32]"]  # 1/q is IEEE-rounded
+    for tag in ("fp32", "bf16"):  # Philox's 32 x 32 -> high-word products, in the sampling kernels only
+        assert "mul.hi.u32" in ptx[f"masked_sgd_element[{tag}]"]
+        assert "mul.hi.u32" not in ptx[f"masked_sgd_scale[{tag}]"] and "div.rn" not in ptx[f"masked_sgd_scale[{tag}]"]
 
 
 def test_compile_for_gpu_validates_arch():

@@ -1,6 +1,6 @@
 // Fused masked SGD step for CPU tensors: the op masked_optim::masked_sgd_ (schema in ops.cpp).
 //
-// Two passes over one tensor (SPEC §2):
+// Two passes over one tensor (SPEC §2; mode 5, scale, skips stage 1 and samples nothing):
 //   1. a reduction over the gradient: sum and max of the unit scores s_j = g_j^2 (per element or
 //      per slice), and the water-filling constant when some unit saturates (rare: extra passes);
 //   2. one fused pass that draws the Philox uniforms of a chunk, forms q = min(1, alpha s + beta),
@@ -49,7 +49,7 @@ constexpr int64_t kSubChunk = 256;
 // (a scalar float accumulator is a loop-carried dependence the compiler may not reassociate).
 constexpr int kLanes = 16;
 
-enum Mode : int64_t { kDense = 0, kUniform = 1, kUniformUnbiased = 2, kAmss = 3, kAmssPlus = 4 };
+enum Mode : int64_t { kDense = 0, kUniform = 1, kUniformUnbiased = 2, kAmss = 3, kAmssPlus = 4, kScale = 5 };
 
 // Uniforms of units [4 * first_block, 4 * (first_block + nblocks)) into out[0 .. 4 * nblocks).
 // Portable version: the compiler vectorises it across counters in the x86-64-v3/v4 clones.
@@ -157,7 +157,8 @@ inline acc_t clamp_to_one(acc_t x) {
 
 template <typename acc_t>
 struct Hyper {
-  acc_t alpha, beta, lr, momentum, one_minus_dampening, weight_decay, sign;
+  // grad_scale: the weight of a kept unit when not unbiased; rate for mode scale, else 1 (exact).
+  acc_t alpha, beta, lr, momentum, one_minus_dampening, weight_decay, sign, grad_scale;
   bool unbiased, has_momentum, first_step, nesterov;
 };
 
@@ -178,7 +179,8 @@ inline void sgd_update(const Hyper<acc_t>& h, acc_t gm, scalar_t* __restrict p, 
 }
 
 // Element granularity: elements [begin, end) of a chunk whose uniforms are u[0 .. end - begin).
-// Dense steps pass alpha = 0, beta = 1 and u = 0, so every element is kept with weight 1 exactly.
+// Dense steps pass alpha = 0, beta = 1 and u = 0, so every element is kept with weight 1 exactly;
+// mode scale does the same with weight grad_scale = rate, so g~ = g * rate, one rounded product.
 template <bool kMomentum, typename scalar_t, typename acc_t>
 MASKED_OPTIM_CLONES int64_t update_elements(const Hyper<acc_t> h, const scalar_t* __restrict g, scalar_t* __restrict p,
                                             scalar_t* __restrict b, int64_t begin, int64_t end,
@@ -194,7 +196,7 @@ MASKED_OPTIM_CLONES int64_t update_elements(const Hyper<acc_t> h, const scalar_t
     const acc_t q = clamp_to_one(h.alpha * s + h.beta);
     const bool keep = static_cast<acc_t>(u[i]) < q;
     kept += keep ? 1 : 0;
-    const acc_t w = h.unbiased ? acc_t(1) / q : acc_t(1);
+    const acc_t w = h.unbiased ? acc_t(1) / q : h.grad_scale;
     const acc_t gm = keep ? gv * w : acc_t(0);
     sgd_update<kMomentum, scalar_t, acc_t>(h, gm, pc, bc, i);
   }
@@ -454,7 +456,7 @@ Stage1<acc_t> stage1(const at::Tensor& grad, const c10::optional<at::Tensor>& sc
   at::Tensor scores_buf;
   const acc_t* scores = nullptr;
   double sumsq = std::numeric_limits<double>::quiet_NaN();
-  const bool sampled = mode != kDense && rate < 1.0 && n_units > 0;
+  const bool sampled = mode != kDense && mode != kScale && rate < 1.0 && n_units > 0;
   if (sampled && channel) {
     if (scores_in.has_value()) {
       scores_buf = scores_in->to(acc_type).contiguous();
@@ -664,8 +666,8 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_impl(at::Tensor& param, const at::
   scalar_t* b = momentum != 0 ? buf.mutable_data_ptr<scalar_t>() : nullptr;
   const int nthreads = at::get_num_threads();
 
-  // ---- stage 1: per-tensor scalars alpha, beta (q_j = min(1, alpha s_j + beta))
-  const bool sampled = mode != kDense && rate < 1.0 && n_units > 0;
+  // ---- stage 1: per-tensor scalars alpha, beta (q_j = min(1, alpha s_j + beta)); none for scale
+  const bool sampled = mode != kDense && mode != kScale && rate < 1.0 && n_units > 0;
   acc_t alpha = 0, beta = 1;
   const acc_t* scores = nullptr;
   Stage1<acc_t> st{0, 1, at::Tensor(), 0.0};
@@ -685,6 +687,7 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_impl(at::Tensor& param, const at::
   h.one_minus_dampening = static_cast<acc_t>(1.0 - dampening);
   h.weight_decay = static_cast<acc_t>(weight_decay);
   h.sign = maximize ? acc_t(-1) : acc_t(1);
+  h.grad_scale = mode == kScale && rate < 1.0 ? static_cast<acc_t>(rate) : acc_t(1);  // rounded as torch rounds a scalar
   h.unbiased = sampled && (mode == kUniformUnbiased || mode == kAmssPlus);
   h.has_momentum = momentum != 0;
   h.first_step = first_step;
@@ -750,7 +753,7 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_cpu(at::Tensor& param, const at::T
               grad.scalar_type(), " ", grad.sizes(), " for param ", param.device(), " ", param.scalar_type(), " ",
               param.sizes());
   TORCH_CHECK(param.is_contiguous() && grad.is_contiguous(), "masked_sgd_: param and grad must be contiguous");
-  TORCH_CHECK(mode >= 0 && mode <= 4, "masked_sgd_: mode must be in 0..4 (dense, uniform, uniform unbiased, amss, amss+), got ",
+  TORCH_CHECK(mode >= 0 && mode <= 5, "masked_sgd_: mode must be in 0..5 (dense, uniform, uniform unbiased, amss, amss+, scale), got ",
               mode);
   TORCH_CHECK(rate > 0 && rate <= 1, "masked_sgd_: rate must be in (0, 1], got ", rate);
   TORCH_CHECK(key >= 0, "masked_sgd_: key must be >= 0, got ", key);
@@ -779,6 +782,7 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_cpu(at::Tensor& param, const at::T
 }
 
 // Stage 1 alone: ([alpha, beta], unit scores or an empty tensor, sum of g^2 as a float64 scalar).
+// Mode 5 (scale) has no stage 1: [0, 1], no scores, and the sum of g^2 from one reduction pass.
 // The optimizer runs it for every tensor first: a non-finite sum flags a non-finite gradient before
 // anything is updated, without a separate pass over the gradients; then it passes the scalars (and
 // scores) to masked_sgd_, which skips its own stage 1.
@@ -786,7 +790,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tensor_scalars_cpu(const at::Tens
                                                                    double smoothing, int64_t max_iter, int64_t mode,
                                                                    bool channel) {
   TORCH_CHECK(grad_in.device().is_cpu(), "tensor_scalars: grad must be a CPU tensor, got ", grad_in.device());
-  TORCH_CHECK(mode >= 1 && mode <= 4, "tensor_scalars: mode must be in 1..4, got ", mode);
+  TORCH_CHECK(mode >= 1 && mode <= 5, "tensor_scalars: mode must be in 1..5, got ", mode);
   TORCH_CHECK(rate > 0 && rate <= 1, "tensor_scalars: rate must be in (0, 1], got ", rate);
   const at::Tensor grad = grad_in.contiguous();
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
@@ -795,8 +799,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tensor_scalars_cpu(const at::Tens
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
     const int64_t numel = grad.numel();
     const int64_t n_units = per_slice(grad, channel) ? grad.size(0) : numel;
-    Stage1<acc_t> st{0, 1, at::Tensor(), 0.0};
-    if (rate < 1.0 && n_units > 0) {
+    Stage1<acc_t> st{0, 1, at::Tensor(), std::numeric_limits<double>::quiet_NaN()};  // NaN: sum g^2 below
+    if (mode != kScale && rate < 1.0 && n_units > 0) {
       st = stage1<scalar_t, acc_t>(grad, c10::nullopt, c10::nullopt, rate, smoothing, max_iter, mode, channel);
     }
     if (std::isnan(st.sumsq)) {

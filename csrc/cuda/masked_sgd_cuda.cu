@@ -11,7 +11,8 @@
 //   stage 2:
 //     masked_sgd_element_kernel fused Philox sample (4 units per evaluation) + mask + SGD update
 //     channel_sample_kernel     per-unit keep / 1/q factor (channel granularity) + kept count
-//     sgd_factor_kernel         SGD update with the per-unit factor (channel), or dense
+//     sgd_factor_kernel         SGD update with the per-unit factor (channel), or dense (g~ = g),
+//                               or mode scale (g~ = rate * g: no stage 1, no sampling)
 //
 // Everything stays on the device: the water-filling rounds read c from the workspace, so the host
 // never waits. The reductions are two-level with a grid that depends on the unit count only (no
@@ -392,6 +393,7 @@ struct Hyper {
   uint64_t key;
   bool uniform;   // q = rate (modes 1, 2)
   bool unbiased;  // g~ = M g / q (modes 2, 4)
+  bool scale;     // g~ = rate * g, no mask (mode 5 with rate < 1)
   bool has_weight_decay, has_momentum, first_step, nesterov, maximize;
 };
 
@@ -542,7 +544,8 @@ __global__ void __launch_bounds__(kUpdateThreads)
 }
 
 // SGD update with a per-unit factor (kFactor: channel granularity, g~ = factor > 0 ? g * factor : 0)
-// or dense (g~ = g). Grid-stride over quads of elements.
+// or dense (g~ = g; g~ = rate * g, rounded on its own as torch.mul, when h.scale). Grid-stride over
+// quads of elements.
 template <typename scalar_t, bool kVec, bool kFactor>
 __global__ void __launch_bounds__(kUpdateThreads)
     sgd_factor_kernel(scalar_t* __restrict__ param, const scalar_t* __restrict__ grad, scalar_t* __restrict__ buf,
@@ -565,7 +568,7 @@ __global__ void __launch_bounds__(kUpdateThreads)
     for (int w = 0; w < 4; ++w) {
       if (base + w < numel) {
         const acc_t gv = h.maximize ? -g[w] : g[w];
-        acc_t gm = gv;
+        acc_t gm = h.scale ? mul_rn(gv, h.rate) : gv;
         if (kFactor) {
           const acc_t f = factor[j];
           gm = f > acc_t(0) ? mul_rn(gv, f) : acc_t(0);
@@ -760,6 +763,7 @@ cudaError_t launch_masked_sgd_update(const MaskedSgdArgs& a, cudaStream_t stream
     h.key = a.key;
     h.uniform = uniform;
     h.unbiased = a.mode == kModeUniformUnbiased || a.mode == kModeAmssPlus;
+    h.scale = !a.sampled && a.mode == kModeScale && a.rate < 1.0;
     h.has_weight_decay = a.weight_decay != 0.0;
     h.has_momentum = has_momentum;
     h.first_step = a.first_step;

@@ -17,8 +17,15 @@ namespace cuda {
 
 enum class DType : int32_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
-// Masking modes of the op (kernel contract).
-enum Mode : int64_t { kModeDense = 0, kModeUniform = 1, kModeUniformUnbiased = 2, kModeAmss = 3, kModeAmssPlus = 4 };
+// Masking modes of the op (kernel contract). kModeScale samples nothing: g~ = rate * g.
+enum Mode : int64_t {
+  kModeDense = 0,
+  kModeUniform = 1,
+  kModeUniformUnbiased = 2,
+  kModeAmss = 3,
+  kModeAmssPlus = 4,
+  kModeScale = 5
+};
 
 inline size_t acc_size(DType dtype) { return dtype == DType::kFloat64 ? sizeof(double) : sizeof(float); }
 
@@ -74,7 +81,7 @@ struct MaskedSgdArgs {
   double rate = 1.0;
   int64_t mode = kModeDense;
   bool channel = false;
-  bool sampled = false;  // false: plain SGD (g~ = g), the counter is left alone
+  bool sampled = false;  // false: plain SGD (g~ = g, or rate * g in mode scale), the counter is left alone
   double lr = 0.0, momentum = 0.0, dampening = 0.0, weight_decay = 0.0;
   bool nesterov = false, maximize = false, first_step = false;
 };

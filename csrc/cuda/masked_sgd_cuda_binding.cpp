@@ -60,8 +60,8 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_cuda(at::Tensor& param, const at::
               ", got ", grad.sizes());
   TORCH_CHECK(param.is_contiguous(), "masked_sgd_: param must be contiguous, got strides ", param.strides());
   TORCH_CHECK(grad.is_contiguous(), "masked_sgd_: grad must be contiguous, got strides ", grad.strides());
-  TORCH_CHECK(mode >= 0 && mode <= 4,
-              "masked_sgd_: mode must be in 0..4 (0 dense, 1 uniform, 2 uniform unbiased, 3 amss, 4 amss+), got ",
+  TORCH_CHECK(mode >= 0 && mode <= 5,
+              "masked_sgd_: mode must be in 0..5 (0 dense, 1 uniform, 2 uniform unbiased, 3 amss, 4 amss+, 5 scale), got ",
               mode);
   TORCH_CHECK(rate > 0 && rate <= 1, "masked_sgd_: rate must be in (0, 1], got ", rate);
   TORCH_CHECK(smoothing >= 0 && smoothing <= 1, "masked_sgd_: smoothing must be in [0, 1], got ", smoothing);
@@ -102,7 +102,8 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_cuda(at::Tensor& param, const at::
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   // ---- outputs (fills are device kernels: no host synchronisation)
-  const bool sampled = mode != cuda::kModeDense && rate < 1.0 && n_units > 0;
+  // Mode scale samples nothing: like dense ([alpha, beta] = [0, 1], every unit kept), with g~ = rate * g.
+  const bool sampled = mode != cuda::kModeDense && mode != cuda::kModeScale && rate < 1.0 && n_units > 0;
   const bool uniform = mode == cuda::kModeUniform || mode == cuda::kModeUniformUnbiased;
   const auto long_opts = param.options().dtype(at::kLong);
   at::Tensor kept = at::scalar_tensor(sampled ? int64_t{0} : n_units, long_opts);

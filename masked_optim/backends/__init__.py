@@ -22,9 +22,14 @@ The kernel contract (one call per tensor)::
 
 updates ``param`` and ``momentum_buffer`` in place (contiguous, same dtype; the buffer is an empty
 tensor when ``momentum == 0`` and is written as ``b = d`` when ``first_step``). ``mode`` is 0 dense,
-1 uniform, 2 uniform unbiased, 3 amss, 4 amss+. ``scores`` (per-unit importance) and ``scalars``
+1 uniform, 2 uniform unbiased, 3 amss, 4 amss+, 5 scale. ``scores`` (per-unit importance) and ``scalars``
 (``[alpha, beta]`` with ``q = min(1, alpha s + beta)``) are computed by the kernel when ``None``;
 tests pass the reference's to compare masks bit for bit.
+
+Mode 5 (``mask="scale"``) samples nothing and draws no random numbers: ``g~ = rate * g`` (the
+product rounded once in the compute dtype), then the same SGD update. ``scores``, ``scalars``,
+``key``, ``smoothing``, ``max_iter`` and ``channel`` are ignored; it returns ``N`` kept units (every
+unit of the requested granularity) and ``[alpha, beta] = [0, 1]`` (``q = 1``), as the dense mode.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ __all__ = [
 BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
 FUSED = ("cpp", "cuda", "triton")
 # (mask, unbiased) -> kernel mode
-MODE_CODES = {("uniform", False): 1, ("uniform", True): 2, ("amss", False): 3, ("amss+", True): 4}
+MODE_CODES = {("uniform", False): 1, ("uniform", True): 2, ("amss", False): 3, ("amss+", True): 4, ("scale", False): 5}
 
 extension_available = _cpp_lib.available
 extension_unavailable_reason = _cpp_lib.unavailable_reason

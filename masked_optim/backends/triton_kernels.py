@@ -16,6 +16,10 @@ Two passes over the tensor:
   dampening and nesterov, maximize), writing the parameter and the momentum buffer in their own
   dtype from float32 (float64 for float64 tensors) arithmetic. It also writes per-program counts of
   kept units, summed afterwards.
+* **mode 5** (``mask="scale"``) has no stage 1 and draws no random numbers: the same kernel,
+  specialised on ``MODE`` (a ``tl.constexpr``), multiplies the gradient by ``grad_scale`` (the rate,
+  a runtime argument rounded once to the compute dtype, the product rounded on its own) and applies
+  the same SGD update; every unit counts as kept and ``[alpha, beta] = [0, 1]``.
 
 Bit parity of the mask with the reference needs ``q`` rounded exactly as torch rounds
 ``scores * alpha + beta`` (a product, then a sum): the stage-2 kernel is launched and compiled with
@@ -50,7 +54,7 @@ __all__ = [
     "MODES",
 ]
 
-MODES = {0: "none", 1: "uniform", 2: "uniform unbiased", 3: "amss", 4: "amss+"}
+MODES = {0: "none", 1: "uniform", 2: "uniform unbiased", 3: "amss", 4: "amss+", 5: "scale"}
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 try:  # pragma: no cover - exercised through both branches in CI
@@ -184,6 +188,7 @@ if triton is not None:
         momentum: tl.float64,
         one_minus_dampening: tl.float64,
         weight_decay: tl.float64,
+        grad_scale: tl.float64,
         BLOCK: tl.constexpr,
         MODE: tl.constexpr,
         CHANNEL: tl.constexpr,
@@ -208,7 +213,10 @@ if triton is not None:
         if MAXIMIZE:
             g = -g
 
-        if MODE != 0:
+        if MODE == 5:
+            # scale: g~ = rate * g, no mask (the product is rounded: enable_fp_fusion=False)
+            g = g * tl.full((), grad_scale, cdt)
+        elif MODE != 0:
             if CHANNEL:
                 j = offs // inner
                 counter = j // 4
@@ -309,7 +317,7 @@ def _validate(param, grad, momentum_buffer, scores, scalars, key, rate, smoothin
         if t.device != param.device:
             raise ValueError(f"{fn}: {name}.device must equal param.device ({param.device}), got {t.device}")
     if isinstance(mode, bool) or not isinstance(mode, int) or mode not in MODES:
-        raise ValueError(f"{fn}: mode must be an int in 0..4 ({MODES}), got {mode!r}")
+        raise ValueError(f"{fn}: mode must be an int in 0..5 ({MODES}), got {mode!r}")
     if not isinstance(channel, bool):
         raise ValueError(f"{fn}: channel must be a bool, got {channel!r}")
     if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < 2**63:
@@ -472,11 +480,11 @@ def _masked_sgd_impl(param, grad, momentum_buffer, scores, scalars, key, rate, s
     inner = numel // n_units if n_units > 0 else 0
 
     # ---- stage 1: [alpha, beta]
-    if scalars is not None:
-        out_scalars = scalars.reshape(2)
-    elif mode == 0:
+    if mode in (0, 5):  # dense and scale: q = 1 (given scalars are ignored, as the C++/CUDA kernels do)
         out_scalars = torch.ones(2, dtype=cdtype, device=device)
         out_scalars[:1].zero_()
+    elif scalars is not None:
+        out_scalars = scalars.reshape(2)
     elif mode in (1, 2):
         out_scalars = torch.full((2,), float(rate), dtype=cdtype, device=device)
         out_scalars[:1].zero_()
@@ -492,15 +500,16 @@ def _masked_sgd_impl(param, grad, momentum_buffer, scores, scalars, key, rate, s
     else:
         out_scalars = _element_stage1(grad, numel, rate, smoothing, max_iter, block)
 
-    if numel == 0:
-        return torch.zeros((), dtype=torch.int64, device=device), out_scalars
+    if numel == 0:  # scale keeps its (possibly empty) units: (4, 0) per channel is 4 units
+        return torch.full((), n_units if mode == 5 else 0, dtype=torch.int64, device=device), out_scalars
 
     if mode in (3, 4) and channel_units and scores is None:
         scores = _channel_scores(grad, n_units, inner, block)
 
     # ---- stage 2
     grid = _cdiv(numel, block)
-    pkept = torch.empty(grid if mode != 0 else 1, dtype=torch.int32, device=device)
+    sampled = mode not in (0, 5)
+    pkept = torch.empty(grid if sampled else 1, dtype=torch.int32, device=device)
     scalars_arg = out_scalars if out_scalars.is_contiguous() else out_scalars.contiguous()
     has_momentum = momentum != 0
     _masked_sgd_kernel[(grid,)](
@@ -517,9 +526,10 @@ def _masked_sgd_impl(param, grad, momentum_buffer, scores, scalars, key, rate, s
         float(momentum),
         1.0 - float(dampening),
         float(weight_decay),
+        float(rate) if mode == 5 else 1.0,
         BLOCK=block,
         MODE=mode,
-        CHANNEL=channel_units,
+        CHANNEL=channel_units and mode != 5,  # one scale variant: granularity does not change it
         HAS_WD=weight_decay != 0,
         HAS_MOMENTUM=has_momentum,
         FIRST_STEP=bool(first_step),
@@ -528,7 +538,7 @@ def _masked_sgd_impl(param, grad, momentum_buffer, scores, scalars, key, rate, s
         F64=cdtype == torch.float64,
         enable_fp_fusion=False,
     )
-    if mode == 0:
+    if not sampled:
         kept = torch.full((), n_units, dtype=torch.int64, device=device)
     else:
         kept = pkept.sum(dtype=torch.int64)
@@ -560,13 +570,17 @@ def _compile_specs(dtype: torch.dtype):
     ]
     sgd_sig = {"p_ptr": p, "g_ptr": p, "b_ptr": p, "scores_ptr": c, "scalars_ptr": c, "pkept_ptr": "*i32",
                "numel": "i64", "inner": "i64", "key": "i64", "lr": "fp64", "momentum": "fp64",
-               "one_minus_dampening": "fp64", "weight_decay": "fp64"}
+               "one_minus_dampening": "fp64", "weight_decay": "fp64", "grad_scale": "fp64"}
     for flag in ("BLOCK", "MODE", "CHANNEL", "HAS_WD", "HAS_MOMENTUM", "FIRST_STEP", "NESTEROV", "MAXIMIZE", "F64"):
         sgd_sig[flag] = "constexpr"
     for channel in (False, True):
         consts = dict(BLOCK=1024, MODE=4, CHANNEL=channel, HAS_WD=True, HAS_MOMENTUM=True, FIRST_STEP=False,
                       NESTEROV=True, MAXIMIZE=False, F64=f64)
         specs.append((f"masked_sgd_{'channel' if channel else 'element'}", _masked_sgd_kernel, sgd_sig, consts))
+    # mode 5 (scale) is its own specialisation; channel has no effect on it, so one variant
+    consts = dict(BLOCK=1024, MODE=5, CHANNEL=False, HAS_WD=True, HAS_MOMENTUM=True, FIRST_STEP=False,
+                  NESTEROV=True, MAXIMIZE=True, F64=f64)
+    specs.append(("masked_sgd_scale", _masked_sgd_kernel, sgd_sig, consts))
     return specs
 
 
