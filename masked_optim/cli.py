@@ -80,6 +80,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-rate", type=float, default=d.max_rate)
     g.add_argument("--beta", type=float, default=d.beta, help="EMA of the rate statistics across steps")
     g.add_argument("--no-estimator-features", action="store_true", help="rate from I_m + c alone, without feature entropy")
+    g.add_argument("--rule", default=d.rule, choices=["softmax", "ratio"],
+                   help="rate rule for masked methods without '@rule' in their name (default %(default)s)")
+    g.add_argument("--power", type=float, default=d.power, help="exponent of the ratio rule")
     g = p.add_argument_group("OGM-GE (SPEC 6)")
     g.add_argument("--ogm-alpha", type=float, default=d.ogm_alpha)
     g.add_argument("--ogm-start", type=int, default=d.ogm_start, help="first modulated epoch (0-based)")
@@ -101,6 +104,7 @@ def _config_from(args: argparse.Namespace, **extra):
         momentum=args.momentum, weight_decay=args.weight_decay, smoothing=args.smoothing, backend=args.backend,
         temperature=args.temperature, offset=args.offset, bias=args.bias, min_rate=args.min_rate,
         max_rate=args.max_rate, beta=args.beta, estimator_features=not args.no_estimator_features,
+        rule=args.rule, power=args.power,
         ogm_alpha=args.ogm_alpha, ogm_start=args.ogm_start, ogm_end=args.ogm_end, relearn_lam=args.relearn_lam,
         relearn_every=args.relearn_every, relearn_times=args.relearn_times, relearn_reset_buffers=args.relearn_reset_buffers,
         relearn_reset_optimizer=args.relearn_reset_optimizer, probe=not args.no_probe, **extra,
@@ -135,6 +139,14 @@ def _seeds(text: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"Invalid --seeds: {text!r}; allowed: a count >= 1 or a comma-separated list")
         return list(range(n))
     return _int_list(text, "--seeds")
+
+
+def _data_seeds(text: str) -> list[int]:
+    """Like ``--seeds``, for ``--data-seeds``."""
+    try:
+        return _seeds(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("--seeds", "--data-seeds")) from None
 
 
 def _slug(dataset: str) -> str:
@@ -178,7 +190,8 @@ def _run_compare(args: argparse.Namespace) -> int:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     folds = None if args.folds == "all" else _int_list(args.folds, "--folds")
-    comparison = run_compare(args.dataset, methods, args.seeds, folds=folds, base=_config_from(args), progress=not args.quiet)
+    comparison = run_compare(args.dataset, methods, args.seeds, folds=folds, base=_config_from(args), progress=not args.quiet,
+                             data_seeds=args.data_seeds)
     _write_outputs(comparison, os.path.join(args.out, args.name or _slug(args.dataset)), not args.no_plot)
     print(f"total {comparison['total_wall_time_s']:.0f} s")
     return 0
@@ -223,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train on synthetic two-modality data, printing rates and kept fractions")
     demo.add_argument("--epochs", type=int, default=20)
-    demo.add_argument("--mask", default="amss", choices=["none", "uniform", "amss", "amss+"])
+    demo.add_argument("--mask", default="amss", choices=["none", "uniform", "amss", "amss+", "scale"])
     demo.add_argument("--granularity", default="element", choices=["element", "channel"])
     demo.add_argument("--setting", default="xor", choices=["xor", "parity3"])
     demo.add_argument("--n", type=int, default=5000, help="number of samples (60/20/20 split)")
@@ -249,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     cmp_p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated (default %(default)s)")
     cmp_p.add_argument("--seeds", type=_seeds, default=list(range(5)), help="a count (5 = seeds 0-4, the default) or a list 0,3,7")
     cmp_p.add_argument("--folds", default="all", help="'all' (default) or a list such as 0,1")
+    cmp_p.add_argument("--data-seeds", type=_data_seeds, default=None,
+                       help="synthetic data draws: a count (2 = draws 0-1) or a list 0,3 (default: --data-seed)")
     cmp_p.add_argument("--out", default="results", help="folder for <name>.json and <name>.png (default %(default)s)")
     cmp_p.add_argument("--name", default=None, help="file stem (default: from the dataset)")
     cmp_p.add_argument("--no-plot", action="store_true")

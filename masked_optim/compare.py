@@ -286,6 +286,7 @@ def format_table(comparison: dict[str, Any], markdown: bool = False, compact: bo
     lines.append(
         f"{comparison['dataset_name']}: test split at the epoch with the best validation accuracy; "
         f"{len(comparison['seeds'])} seeds" + (f" x {len(folds)} folds" if len(folds) > 1 else "")
+        + (f" x {len(comparison['data_seeds'])} data draws" if len(comparison.get("data_seeds", [0])) > 1 else "")
         + "; accuracies in %, mean ± std over runs; Δ = paired difference from joint ± standard error; "
         "rates = mean keep rate per modality (1 = dense)"
     )
@@ -359,7 +360,7 @@ def plot_curves(comparison: dict[str, Any], path: str) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation accuracy (%)")
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
-    n = len(comparison["seeds"]) * len(comparison["folds"])
+    n = len(comparison["seeds"]) * len(comparison["folds"]) * len(comparison.get("data_seeds", [0]))
     fig.suptitle(f"{comparison['dataset_name']}: mean of {n} runs per method", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -1,7 +1,8 @@
 """One training loop for every method, with the metrics of SPEC §7.
 
 Methods (``TrainConfig.method``; a masked method takes ``":channel"`` for channel granularity,
-e.g. ``"amss:channel"``):
+e.g. ``"amss:channel"``, and ``"@softmax"`` or ``"@ratio"`` for the estimator's rate rule,
+e.g. ``"amss:channel@ratio"``; without it the rule is ``TrainConfig.rule``):
 
 ========== =========================================================================================
 joint      plain SGD (``MaskedMultiModalSGD`` with ``mask="none"``: bit-identical to torch.optim.SGD)
@@ -9,6 +10,7 @@ ogm-ge     plain SGD with OGM-GE gradient modulation (SPEC §6); ``ogm`` is the 
 uniform    each modality's units kept uniformly at rate ``rho_m`` (biased)
 amss       importance-sampled masks, kept gradients unscaled (the paper's AMSS, biased)
 amss+      importance-sampled masks, kept gradients divided by ``q`` (exactly unbiased)
+scale      no mask: each modality's gradient multiplied by ``rho_m`` (a per-modality step size)
 amss+ref   the official code's sampler and weights: ``ceil(rho_m N)`` units drawn without
            replacement, scaled by ``1 / (pi_j + 1/N)`` (python reference path)
 relearn    plain SGD with Diagnosing & Re-learning (SPEC §5) every ``relearn_every`` epochs;
@@ -51,7 +53,7 @@ from .relearn import DiagnoseRelearn
 from .significance import ModalSignificance
 
 __all__ = [
-    "TrainConfig", "METHODS", "DATASET_DEFAULTS", "parse_method", "method_spec", "train", "resume_training",
+    "TrainConfig", "METHODS", "DATASET_DEFAULTS", "parse_method", "method_spec", "method_rule", "RULES", "train", "resume_training",
     "load_checkpoint", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "RESUME_MAY_CHANGE",
 ]
 
@@ -73,10 +75,12 @@ METHODS: dict[str, _Method] = {
     "amss": _Method("amss"),
     "amss+": _Method("amss+"),
     "amss+ref": _Method("amss+", sampler="multinomial"),
+    "scale": _Method("scale", granularities=("element",)),
     "relearn": _Method("none", granularities=("element",), relearn=True),
 }
 # Diagnosing & Re-learning combines with every masked mode: "relearn+amss", "relearn+amss:channel", ...
 RELEARN_PREFIX = "relearn+"
+RULES = ("softmax", "ratio")  # ModalSignificance's rate rules, selectable per method with "@rule"
 
 # Per dataset family: epochs, learning rate and batch size. Synthetic: SPEC §8. mfeat and watch:
 # the learning rate is the one joint training does best with on the validation split (README,
@@ -103,12 +107,23 @@ def method_spec(name: str) -> _Method:
     return METHODS[name]
 
 
+def method_rule(spec: str) -> Optional[str]:
+    """The rate rule a method name asks for: ``"amss@ratio"`` -> ``"ratio"``; ``"amss"`` -> None."""
+    parse_method(spec)
+    return spec.partition("@")[2] or None
+
+
 def parse_method(spec: str) -> tuple[str, str]:
     """``"amss:channel"`` -> ``("amss", "channel")``; ``"amss"`` -> ``("amss", "element")``;
-    ``"relearn+amss:channel"`` -> ``("relearn+amss", "channel")``."""
+    ``"relearn+amss:channel@ratio"`` -> ``("relearn+amss", "channel")`` (the rule: :func:`method_rule`)."""
     if not isinstance(spec, str):
         raise TypeError(f"Invalid method: {spec!r}; allowed: a str such as 'amss' or 'amss:channel'")
-    name, _, granularity = spec.partition(":")
+    base, at, rule = spec.partition("@")
+    if at and rule not in RULES:
+        raise ValueError(f"Invalid method: {spec!r}; allowed after '@': one of {list(RULES)}")
+    if at and method_spec(base.partition(":")[0]).mask == "none":
+        raise ValueError(f"Invalid method: {spec!r}; allowed: '@rule' only on masked methods (they use the estimator)")
+    name, _, granularity = base.partition(":")
     granularity = granularity or "element"
     try:
         method = method_spec(name)
@@ -123,8 +138,9 @@ def parse_method(spec: str) -> tuple[str, str]:
 class TrainConfig:
     """Everything that defines one run. ``None`` means the dataset family's default (``DATASET_DEFAULTS``).
 
-    Estimator options (``temperature``, ``offset``, ``bias``, ``min_rate``, ``max_rate``, ``beta``)
-    are :class:`~masked_optim.ModalSignificance`'s; ``estimator_features`` passes the encoder
+    Estimator options (``temperature``, ``offset``, ``bias``, ``min_rate``, ``max_rate``, ``beta``,
+    ``rule``, ``power``) are :class:`~masked_optim.ModalSignificance`'s (``max_rate=None``: the
+    rule's default; a method name's ``@rule`` overrides ``rule``); ``estimator_features`` passes the encoder
     features so the rate uses the feature entropy (SPEC §3). ``ogm_*`` are OGM-GE's ``alpha``,
     ``start``, ``end`` (epochs). ``relearn_*`` are :class:`~masked_optim.DiagnoseRelearn`'s
     ``lam``, ``every``, ``times``, ``reset_buffers`` and ``reset_optimizer_state``. ``data_seed`` draws the synthetic data; real datasets have fixed
@@ -147,9 +163,11 @@ class TrainConfig:
     offset: float = 0.5
     bias: float = 0.0
     min_rate: float = 0.1
-    max_rate: float = 0.9
+    max_rate: Optional[float] = None
     beta: float = 0.0
     estimator_features: bool = True
+    rule: str = "softmax"
+    power: float = 1.0
     ogm_alpha: float = 0.8
     ogm_start: int = 0
     ogm_end: Optional[int] = None
@@ -179,6 +197,8 @@ class TrainConfig:
                 raise ValueError(f"Invalid {key}: {value!r}; allowed: an int >= 0")
         if not (isinstance(out.lr, (int, float)) and math.isfinite(out.lr) and out.lr > 0):
             raise ValueError(f"Invalid lr: {out.lr!r}; allowed: a finite number > 0")
+        if out.rule not in RULES:
+            raise ValueError(f"Invalid rule: {out.rule!r}; allowed: one of {list(RULES)}")
         return out
 
 
@@ -205,6 +225,7 @@ def _build(config: TrainConfig, data: MultimodalSplits):
         estimator = ModalSignificance(
             temperature=config.temperature, offset=config.offset, bias=config.bias,
             min_rate=config.min_rate, max_rate=config.max_rate, beta=config.beta,
+            rule=method_rule(config.method) or config.rule, power=config.power,
         )
     modulation = None
     if method.modulation:

@@ -139,3 +139,21 @@ def test_cli_train_checkpoint_bad_input_exits_2(tmp_path, capsys):
             main(args)
         assert exc.value.code == 2
         assert message in capsys.readouterr().err, extra
+
+
+def test_cli_rule_power_and_data_seeds_reach_the_runs(tmp_path, capsys):
+    import json
+
+    args, out = _train_args(tmp_path, "ratio", "--epochs", "1", "--rule", "ratio", "--power", "2")
+    assert main(args) == 0
+    config = json.loads(out.read_text())["config"]
+    assert (config["rule"], config["power"], config["max_rate"]) == ("ratio", 2.0, None)
+    assert main(["compare", "--dataset", "synthetic:xor", "--methods", "joint,scale@ratio", "--seeds", "1", "--data-seeds", "1,2",
+                 "--epochs", "1", "--batch-size", "500", "--no-probe", "--no-plot", "--quiet", "--out", str(tmp_path)]) == 0
+    c = json.loads((tmp_path / "synthetic_xor.json").read_text())
+    assert c["data_seeds"] == [1, 2] and sorted(r["config"]["data_seed"] for r in c["runs"]) == [1, 1, 2, 2]
+    assert "x 2 data draws" in capsys.readouterr().out
+    for bad, message in ((["--data-seeds", "0"], "Invalid --data-seeds: '0'"), (["--rule", "max"], "invalid choice: 'max'")):
+        with pytest.raises(SystemExit) as exc:
+            main(["compare", "--dataset", "synthetic:xor", "--methods", "joint", *bad])
+        assert exc.value.code == 2 and message in capsys.readouterr().err

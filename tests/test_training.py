@@ -115,16 +115,34 @@ def test_relearn_changes_the_run_only_after_it_fires(tiny):
 @pytest.mark.parametrize(
     "spec, pattern",
     [("bogus", "Invalid method: 'bogus'"), ("joint:channel", "granularities for 'joint'"), ("amss:row", "amss:row"),
-     ("relearn+joint", "allowed after 'relearn\\+'"), ("relearn+amss:row", "relearn\\+amss:row")],
+     ("relearn+joint", "allowed after 'relearn\\+'"), ("relearn+amss:row", "relearn\\+amss:row"),
+     ("amss@linear", "allowed after '@': one of \\['softmax', 'ratio'\\]"), ("joint@ratio", "only on masked methods"),
+     ("scale:channel", "granularities for 'scale'")],
 )
 def test_parse_method_errors(spec, pattern):
     with pytest.raises(ValueError, match=pattern):
         parse_method(spec)
 
 
+def test_method_rule_picks_the_estimators_rule(tiny):
+    from masked_optim.training import _build, method_rule
+
+    assert parse_method("relearn+amss:channel@ratio") == ("relearn+amss", "channel")
+    assert [method_rule(m) for m in ("amss", "amss@ratio", "scale@softmax")] == [None, "ratio", "softmax"]
+    for method, rule, expected in (("amss", "softmax", "softmax"), ("amss", "ratio", "ratio"),
+                                   ("amss@softmax", "ratio", "softmax"), ("uniform@ratio", "softmax", "ratio")):
+        config = TrainConfig(dataset="synthetic:xor", method=method, rule=rule, power=2.0).resolved()
+        estimator = _build(config, tiny)[2]
+        assert (estimator.rule, estimator.power, estimator.max_rate) == (expected, 2.0, 0.9 if expected == "softmax" else 1.0)
+    # a ratio run: in every epoch the weaker modality's mean rate is the larger one, and the floor holds
+    r = run(tiny, "amss@ratio", epochs=2)
+    assert all(min(row["rate"].values()) >= 0.1 and max(row["rate"].values()) <= 1.0 for row in r["history"])
+    assert r["config"]["method"] == "amss@ratio"
+
+
 @pytest.mark.parametrize(
     "kw, pattern",
-    [({"epochs": 0}, "Invalid epochs: 0"), ({"lr": -1.0}, "Invalid lr: -1.0"), ({"seed": -2}, "Invalid seed: -2"),
+    [({"epochs": 0}, "Invalid epochs: 0"), ({"rule": "max"}, "Invalid rule: 'max'"), ({"lr": -1.0}, "Invalid lr: -1.0"), ({"seed": -2}, "Invalid seed: -2"),
      ({"batch_size": 1.5}, "Invalid batch_size: 1.5")],
 )
 def test_config_validation(tiny, kw, pattern):
