@@ -376,7 +376,8 @@ class MaskedMultiModalSGD(Optimizer):
         As with ``torch.optim``, the checkpoint's hyperparameters (``lr``, ``mask``, rates, seeds,
         ...) replace this optimizer's; options a checkpoint lacks (one written by
         :class:`torch.optim.SGD`, or before an option existed) keep this optimizer's values, so an
-        SGD run can be continued with masking. What must match is the structure: the number of
+        SGD run can be continued with masking; ``backend`` stays this optimizer's (every backend
+        draws the same masks, so a checkpoint moves between them). What must match is the structure: the number of
         groups and of parameters per group, each group's ``modality``, and each momentum buffer's
         shape; the loaded options must be valid and step counts non-negative ints. Anything else
         raises ``ValueError`` naming the group or parameter and both values, and changes nothing.
@@ -407,6 +408,7 @@ class MaskedMultiModalSGD(Optimizer):
                     f"{current['modality']!r}, this optimizer's group {gi} (groups are matched by position)"
                 )
             merged = {**{k: v for k, v in current.items() if k != "params"}, **saved}
+            merged["backend"] = current["backend"]  # where this optimizer runs, not a setting of the run
             self._validate_group(merged, where=f"state_dict param group {gi}: ")
             groups.append(merged)
             for pid, p in zip(saved["params"], current["params"]):

@@ -386,6 +386,9 @@ def test_checkpoint_hyperparameters_replace_the_constructors_as_in_torch_optim()
     other.load_state_dict(opt.state_dict())
     assert [g["mask"] for g in other.param_groups] == ["amss"] * 3
     assert other.param_groups[0]["seed"] == 3 and other.param_groups[0]["weight_decay"] == 0.0
+    elsewhere, _ = make(backend="reference")
+    elsewhere.load_state_dict(opt.state_dict())  # written by backend "auto": runs on its own backend
+    assert [g["backend"] for g in elsewhere.param_groups] == ["reference"] * 3
     assert other.get_rates() == opt.get_rates()
 
 
