@@ -77,7 +77,10 @@ def _check_number(name: str, value: Any, *, low: float = -math.inf, high: float 
                   low_open: bool = False, allowed: str) -> float:
     if not _is_number(value):
         raise TypeError(f"Invalid {name}: {value!r} (type {type(value).__name__}); allowed: {allowed}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond the float range
+        raise ValueError(f"Invalid {name}: {value!r}; allowed: {allowed}") from None
     too_low = value <= low if low_open else value < low
     if not math.isfinite(value) or too_low or value > high:
         raise ValueError(f"Invalid {name}: {value!r}; allowed: {allowed}")
@@ -614,7 +617,7 @@ class MaskedMultiModalSGD(Optimizer):
                     state["momentum_buffer"] = buf
                 state["step"] = state.get("step", 0) + 1
             units = [_num_units(p.shape, group["granularity"]) for p in local_params]
-            records.append((modality, rate, dense, ",".join(sorted(by_backend)) or "reference", kept, units))
+            records.append((modality, rate, dense, ",".join(sorted(by_backend)), kept, units))
         self._last_stats = (records, False, ())
         return loss
 
@@ -685,22 +688,27 @@ class MaskedMultiModalSGD(Optimizer):
         records, skipped, bad = self._last_stats
         acc: dict[Optional[str], dict[str, Any]] = {}
         for modality, rate, dense, backend, kept, units in records:
-            entry = acc.setdefault(modality, dict(rate_units=0.0, units=0, kept=[], rate=rate, backend=set()))
-            entry["backend"].add(backend)
+            entry = acc.setdefault(modality, dict(rate_units=0.0, units=0, kept=[], rate=rate, rates=set(), backend=set()))
+            if backend:  # a group that ran nothing (empty, or no grads) names no backend
+                entry["backend"].add(backend)
             if not dense and kept:
                 entry["kept"].extend(kept)
                 entry["units"] += sum(units)
                 entry["rate_units"] += rate * sum(units)
+                entry["rates"].add(rate)
         out = {}
         for modality, entry in acc.items():
             total = entry["units"]
             kept = sum(int(k) for k in entry["kept"])  # int() of a device count synchronises here only
-            rate = entry["rate_units"] / total if total else (1.0 if modality is None else entry["rate"])
+            if len(entry["rates"]) == 1:  # one rate used: reported exactly, not as (rate * units) / units
+                rate = next(iter(entry["rates"]))
+            else:
+                rate = entry["rate_units"] / total if total else (1.0 if modality is None else entry["rate"])
             out[modality] = ModalityStats(
                 rate=float(rate),
                 kept_fraction=kept / total if total else 1.0,
                 kept_units=kept,
                 total_units=total,
-                backend=",".join(sorted(entry["backend"])),
+                backend=",".join(sorted(entry["backend"])) or "reference",
             )
         return StepStats(modalities=out, skipped=skipped, nonfinite_params=bad)
