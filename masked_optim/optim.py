@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .backends import BACKENDS, MODE_CODES, BackendUnavailable, kernel_for, resolve_backend
-from .functional import GRANULARITIES, MASKS, SAMPLERS, WATERFILL_MAX_ITER, ShardSpec, _num_units, masked_sgd
+from .functional import GRANULARITIES, MASKS, SAMPLERS, WATERFILL_MAX_ITER, ShardSpec, _compute_dtype, _num_units, masked_sgd
 from .rng import derive_key
 
 try:  # torch built without distributed support has no DTensor
@@ -538,6 +538,7 @@ class MaskedMultiModalSGD(Optimizer):
         # Probes of sharded tensors are summed over their shards, so that every rank decides alike.
         check = self.nonfinite != "ignore"
         probes: list[Tensor] = []
+        scored: list[tuple[int, Tensor]] = []  # (position in all_grads, grad) of tensors sampled by importance
         shard_probes: dict[Callable, list[Tensor]] = {}
         routed = []
         for group, params, local_params, grads, bufs, keys, shards in plan:
@@ -563,11 +564,22 @@ class MaskedMultiModalSGD(Optimizer):
                     probes.append(sumsq)
                 elif check and g.numel():
                     low, high = torch.aminmax(g)
-                    probes.append(low.double() + high.double())  # NaN or +-Inf iff g has one (or overflows)
+                    probe = low.double() + high.double()  # NaN or +-Inf iff g has one
+                    if sparse_rate and group["mask"] != "scale":  # ... or iff g**2 overflows (the importance)
+                        peak = torch.maximum(low.abs(), high.abs()).to(_compute_dtype(g.dtype))
+                        probe = probe + (peak * peak * 0).double()
+                    probes.append(probe)
+                if check and sparse_rate and group["mask"] != "scale" and g.numel():
+                    scored.append((len(all_grads) - len(grads) + i, g))
             routed.append((group, params, local_params, grads, bufs, keys, shards, dense, rate, sparse_rate, names, prepared))
         if probes and not all(bool(torch.isfinite(torch.stack(ps)).all()) for ps in _by_device(probes)):
             if any(not bool(torch.isfinite(g).all()) for g in all_grads):  # not just a sum that overflowed
                 return self._nonfinite_step(loss)
+            # Finite gradients whose squares overflow: the importance g**2 would be inf and q NaN,
+            # which would silently freeze the tensor. (A sum of squares that overflows is harmless.)
+            huge = [j for j, g in scored if bool(torch.isinf(g.abs().max().to(_compute_dtype(g.dtype)).square()))]
+            if huge:
+                return self._nonfinite_step(loss, overflow=huge)
         for all_reduce, ps in shard_probes.items():  # the same all-reduces, in the same order, on every rank
             if not bool(torch.isfinite(all_reduce(torch.stack(ps), "sum")).all()):
                 return self._nonfinite_step(loss, sharded=True)
@@ -659,16 +671,27 @@ class MaskedMultiModalSGD(Optimizer):
             counts.append(kept)
         return counts
 
-    def _nonfinite_step(self, loss, sharded: bool = False):
+    def _nonfinite_step(self, loss, sharded: bool = False, overflow: Optional[list[int]] = None):
         bad = []
         index = -1
+        with_grad = []
         for group in self.param_groups:
             for p in group["params"]:
                 index += 1
-                if p.grad is not None and not bool(torch.isfinite(_local(p.grad)).all()):
-                    bad.append(index)
+                if p.grad is not None:
+                    if overflow is not None and len(with_grad) in overflow:
+                        bad.append(index)
+                    with_grad.append(index)
+                    if overflow is None and not bool(torch.isfinite(_local(p.grad)).all()):
+                        bad.append(index)
         if self.nonfinite == "raise":
             where = f"parameters {bad}" if bad else "the shard of a sharded parameter on another rank"
+            if overflow is not None:
+                raise FloatingPointError(
+                    f"Gradient too large in {where} (indices in param-group order): the square of an element "
+                    "overflows, so the importance g**2 of the mask cannot be computed; no parameter was "
+                    "updated. Scale the loss down or clip gradients; nonfinite='skip' skips such steps"
+                )
             raise FloatingPointError(
                 f"Non-finite gradient (NaN or Inf) in {where} (indices in param-group order); "
                 "no parameter was updated. Pass nonfinite='skip' to skip such steps, or 'ignore' to "
