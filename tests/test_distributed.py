@@ -35,6 +35,7 @@ def _train(rank, world, ddp):
     opt = MaskedMultiModalSGD(modality_param_groups(model.encoders, shared=model.head), lr=0.05, momentum=0.9,
                               weight_decay=1e-4, mask="amss", seed=7)
     est = ModalSignificance()
+    ratio = ModalSignificance(rule="ratio")  # the other rule, on the same statistics (not used to train)
     x, y = _data()
     part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     rates = []
@@ -46,7 +47,9 @@ def _train(rank, world, ddp):
         r = est({m: o.detach() for m, o in out.modality_logits.items()}, y[step, part],
                 {m: z.detach() for m, z in out.features.items()})
         opt.step(rates=r)
-        rates.append(r)
+        r_ratio = ratio({m: o.detach() for m, o in out.modality_logits.items()}, y[step, part],
+                        {m: z.detach() for m, z in out.features.items()})
+        rates.append((r, r_ratio))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, rates
 
 
@@ -75,9 +78,10 @@ def test_ddp_ranks_stay_identical_and_match_one_process():
     for k in params0:
         assert torch.equal(params0[k], params1[k]), k  # replicas bit-identical
     single_params, single_rates = _train(0, 1, ddp=False)
-    for r_ddp, r_one in zip(rates0, single_rates):
-        for m in r_one:
-            assert abs(r_ddp[m] - r_one[m]) < 1e-6
+    for pair_ddp, pair_one in zip(rates0, single_rates):  # softmax and ratio rules
+        for r_ddp, r_one in zip(pair_ddp, pair_one):
+            for m in r_one:
+                assert abs(r_ddp[m] - r_one[m]) < 1e-6
     total = flipped = 0
     for k, p in single_params.items():
         if not p.is_floating_point():
