@@ -8,7 +8,7 @@ Runs on CPU with the gloo backend, so it works on any machine:
 Each of ``--world`` processes trains on its share of every batch of the SPEC §8 benchmark
 (``synthetic:xor``). ``ModalSignificance`` all-reduces its statistics, so every rank sets the same
 rates; the masks are a pure function of (seed, step, tensor index), so every rank draws the same
-ones (FSDP: each rank its part of the unsharded mask). At the end every rank prints its test
+ones (FSDP: each rank its part of the unsharded mask). At the end rank 0 prints every rank's test
 accuracy and a checksum of the gathered parameters: they agree across ranks.
 """
 
@@ -70,7 +70,11 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
         acc = (net(x_test).logits.argmax(1) == y_test).float().mean().item()
         full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
         checksum = sum(float(p.double().sum()) for p in full)
-    print(f"rank {rank}: {args.parallel} {args.amp} test accuracy {acc:.4f} rates {rates} param checksum {checksum:.10f}")
+    line = f"rank {rank}: {args.parallel} {args.amp} test accuracy {acc:.4f} rates {rates} param checksum {checksum:.10f}"
+    lines = [None] * args.world
+    dist.all_gather_object(lines, line)  # printed by one process, so the lines never interleave
+    if rank == 0:
+        print("\n".join(lines), flush=True)
     dist.destroy_process_group()
 
 

@@ -356,9 +356,6 @@ class MaskedMultiModalSGD(Optimizer):
         for name, default in self.defaults.items():
             param_group.setdefault(name, default)
         self._validate_group(param_group, where=f"param group {group_index}: ")
-        for device in {p.device for p in params if isinstance(p, Tensor)}:
-            # An explicit backend that cannot run on these tensors fails here, with the reason.
-            resolve_backend(param_group["backend"], device, _sampler(param_group))
         if any(_is_dtensor(p) for p in params):
             if param_group["backend"] not in ("auto", "reference"):
                 raise BackendUnavailable(
@@ -371,6 +368,9 @@ class MaskedMultiModalSGD(Optimizer):
                     f"Invalid sampler='multinomial' for the sharded (DTensor, FSDP) parameters of param group "
                     f"{group_index}; allowed: 'poisson' (the multinomial sampler needs a global top-k)"
                 )
+        for device in {p.device for p in params if isinstance(p, Tensor)}:
+            # An explicit backend that cannot run on these tensors fails here, with the reason.
+            resolve_backend(param_group["backend"], device, _sampler(param_group))
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
