@@ -75,6 +75,7 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     dist.all_gather_object(lines, line)  # printed by one process, so the lines never interleave
     if rank == 0:
         print("\n".join(lines), flush=True)
+    dist.barrier()  # no rank tears gloo down while another still uses it (that aborted a rank now and then)
     dist.destroy_process_group()
 
 
