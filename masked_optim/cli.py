@@ -55,7 +55,11 @@ def environment() -> dict[str, str]:
     return info
 
 
-DEFAULT_METHODS = "joint,ogm-ge,uniform,uniform:channel,amss,amss:channel,amss+,amss+:channel,amss+ref,relearn,relearn+amss"
+# The rule study of the README ("Which method should I use?"): every mode under both rate rules, named
+# explicitly so that the table does not depend on the default rule, against joint training and OGM-GE.
+DEFAULT_METHODS = (
+    "joint,ogm-ge,uniform@softmax,uniform@ratio,amss@softmax,amss@ratio,amss+@softmax,amss+@ratio,scale@softmax,scale@ratio"
+)
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -231,13 +235,16 @@ def _run_merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``masked-optim`` argument parser (its defaults are the library's, see README)."""
     parser = argparse.ArgumentParser(prog="masked-optim", description="Balanced multimodal learning with masked SGD.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train on synthetic two-modality data, printing rates and kept fractions")
     demo.add_argument("--epochs", type=int, default=20)
     demo.add_argument("--mask", default="amss", choices=["none", "uniform", "amss", "amss+", "scale"])
     demo.add_argument("--granularity", default="element", choices=["element", "channel"])
+    demo.add_argument("--rule", default="ratio", choices=["softmax", "ratio"],
+                      help="ModalSignificance's rate rule (default ratio; softmax is the paper's)")
     demo.add_argument("--setting", default="xor", choices=["xor", "parity3"])
     demo.add_argument("--n", type=int, default=5000, help="number of samples (60/20/20 split)")
     demo.add_argument("--no-baseline", action="store_true", help="skip the plain-SGD run for comparison")
@@ -245,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     from .training import METHODS
 
     train_p = sub.add_parser("train", help="train one method on one dataset split and report test metrics")
-    train_p.add_argument("--method", default="amss", help=f"one of {sorted(METHODS)} or relearn+<masked one>; masked ones optionally ':channel'")
+    train_p.add_argument("--method", default="scale", help=f"one of {sorted(METHODS)} or relearn+<masked one>; masked ones optionally ':channel' "
+                         "and '@softmax' / '@ratio' (default %(default)s, with --rule)")
     train_p.add_argument("--seed", type=int, default=0)
     train_p.add_argument("--fold", type=int, default=0, help="watch: subject fold 0-4")
     train_p.add_argument("--json", default=None, help="write the run (config, history, metrics) to this file")
@@ -277,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser(
         "bench", help="time the optimizer step against torch.optim.SGD (quick default; --help for options)", add_help=False
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         from .benchmark import main as bench_main
@@ -291,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         run_demo(
-            epochs=args.epochs, mask=args.mask, granularity=args.granularity, n=args.n, setting=args.setting, seed=args.seed,
-            baseline=not args.no_baseline,
+            epochs=args.epochs, mask=args.mask, granularity=args.granularity, rule=args.rule, n=args.n,
+            setting=args.setting, seed=args.seed, baseline=not args.no_baseline,
         )
     elif args.command == "merge":
         return _run_merge(args, parser)

@@ -31,6 +31,7 @@ def run_demo(
     epochs: int = 20,
     mask: str = "amss",
     granularity: str = "element",
+    rule: str = "ratio",
     n: int = 5000,
     setting: str = "xor",
     seed: int = 0,
@@ -41,15 +42,18 @@ def run_demo(
 ) -> dict:
     """Train two MLP encoders and a concatenation head with ``MaskedMultiModalSGD``.
 
-    Every step, ``ModalSignificance`` turns the head's per-modality slice logits into keep rates;
+    Every step, ``ModalSignificance(rule=rule)`` turns the head's per-modality slice logits into keep
+    rates (``"ratio"``: the weakest modality at rate 1; ``"softmax"``: the paper's, summing to 1);
     each epoch prints the mean rates, the mean fraction of units actually kept, and validation
     accuracy of the fused head and of each modality's slice. With ``baseline``, the same model
     (same seed, same initial weights, same batches) is then trained with ``mask="none"`` (plain
     SGD) and both test accuracies are printed. Returns the per-epoch history and test accuracies.
     """
-    result = _train(epochs, mask, granularity, n, setting, seed, batch_size, lr, print_fn, verbose=True)
+    if rule not in ("softmax", "ratio"):
+        raise ValueError(f"Invalid rule: {rule!r}; allowed: 'softmax' or 'ratio'")
+    result = _train(epochs, mask, granularity, rule, n, setting, seed, batch_size, lr, print_fn, verbose=True)
     if baseline and mask != "none":
-        joint = _train(epochs, "none", granularity, n, setting, seed, batch_size, lr, print_fn, verbose=False)
+        joint = _train(epochs, "none", granularity, rule, n, setting, seed, batch_size, lr, print_fn, verbose=False)
         result["baseline_test_accuracy"] = joint["test_accuracy"]
         names = [m for m in joint["test_accuracy"] if m != "fused"]
         print_fn(
@@ -60,7 +64,7 @@ def run_demo(
     return result
 
 
-def _train(epochs, mask, granularity, n, setting, seed, batch_size, lr, print_fn, verbose) -> dict:
+def _train(epochs, mask, granularity, rule, n, setting, seed, batch_size, lr, print_fn, verbose) -> dict:
     if not verbose:
         print_fn = lambda *_: None  # noqa: E731
     torch.manual_seed(seed)
@@ -71,13 +75,14 @@ def _train(epochs, mask, granularity, n, setting, seed, batch_size, lr, print_fn
         modality_param_groups(encoders, shared=head),
         lr=lr, momentum=0.9, weight_decay=1e-4, mask=mask, granularity=granularity, seed=seed,
     )
-    estimator = ModalSignificance()
+    estimator = ModalSignificance(rule=rule)
     x_train, y_train = data.train
     gen = torch.Generator().manual_seed(seed)
     names = list(encoders)
     print_fn(
         f"masked_optim demo: synthetic '{setting}' data (modality a: fast, partly informative; "
-        f"b: slow, fully informative), mask={mask!r}, granularity={granularity!r}, {epochs} epochs"
+        f"b: slow, fully informative), mask={mask!r}, granularity={granularity!r}, rule={rule!r}, "
+        f"{epochs} epochs"
     )
     header = f"{'epoch':>5} {'loss':>7} " + " ".join(f"{'rate_' + m:>7}" for m in names)
     header += " " + " ".join(f"{'kept_' + m:>7}" for m in names)

@@ -203,7 +203,10 @@ class MaskedMultiModalSGD(Optimizer):
         params: parameters or parameter groups (dicts). Groups may set ``modality``, ``masked``,
             ``rate`` and override every keyword below except ``nonfinite``.
         lr, momentum, dampening, weight_decay, nesterov, maximize: as :class:`torch.optim.SGD`.
-        mask: ``"none"``, ``"uniform"``, ``"amss"``, ``"amss+"`` (default) or ``"scale"``.
+        mask: ``"scale"`` (default: no mask, the gradient times the rate; with
+            ``ModalSignificance(rule="ratio")`` the configuration the README's "Which method should I
+            use?" measured best), ``"none"``, ``"uniform"``, ``"amss"`` or ``"amss+"`` (the paper's
+            AMSS / AMSS+, with ``ModalSignificance(rule="softmax")``).
         granularity: ``"element"`` (default) or ``"channel"``.
         smoothing: :math:`\gamma \in [0, 1]`, mixes the importance with the uniform distribution
             so that no unit is rescaled by more than :math:`1 / (\rho_m \gamma)` (default 0.5).
@@ -242,7 +245,7 @@ class MaskedMultiModalSGD(Optimizer):
         nesterov: bool = False,
         *,
         maximize: bool = False,
-        mask: str = "amss+",
+        mask: str = "scale",
         granularity: str = "element",
         smoothing: float = 0.5,
         sampler: str = "poisson",

@@ -71,7 +71,8 @@ class ModalSignificance:
     A fallback batch does not update the EMA.
 
     Args:
-        rule: ``"softmax"`` (default) or ``"ratio"`` (see above).
+        rule: ``"ratio"`` (default: the rule the README's "Which method should I use?" measured
+            best) or ``"softmax"`` (the paper's).
         power: :math:`p > 0` of the ratio rule (default 1).
         temperature: :math:`T > 0` (default 0.2).
         offset: :math:`c` added to :math:`I_m` (default 0.5, as the official audio-visual code).
@@ -102,7 +103,7 @@ class ModalSignificance:
         sync_distributed: bool = True,
         process_group=None,
         *,
-        rule: str = "softmax",
+        rule: str = "ratio",
         power: float = 1.0,
     ) -> None:
         if not isinstance(rule, str) or rule not in RULES:

@@ -148,7 +148,7 @@ class TrainConfig:
     """
 
     dataset: str = "mfeat:fac+zer"
-    method: str = "amss"
+    method: str = "scale"
     seed: int = 0
     fold: int = 0
     data_seed: int = 0
@@ -166,7 +166,7 @@ class TrainConfig:
     max_rate: Optional[float] = None
     beta: float = 0.0
     estimator_features: bool = True
-    rule: str = "softmax"
+    rule: str = "ratio"
     power: float = 1.0
     ogm_alpha: float = 0.8
     ogm_start: int = 0
@@ -199,6 +199,7 @@ class TrainConfig:
             raise ValueError(f"Invalid lr: {out.lr!r}; allowed: a finite number > 0")
         if out.rule not in RULES:
             raise ValueError(f"Invalid rule: {out.rule!r}; allowed: one of {list(RULES)}")
+        out.rule = method_rule(out.method) or out.rule  # the rule the run uses, recorded with its results
         return out
 
 
@@ -344,7 +345,11 @@ def load_checkpoint(path: PathLike) -> dict[str, Any]:
 
 def _check_resumable(state: Mapping[str, Any], config: TrainConfig, path: str) -> None:
     """The checkpoint must come from this run: same config up to :data:`RESUME_MAY_CHANGE`."""
-    saved, current = state["config"], asdict(config)
+    saved, current = dict(state["config"]), asdict(config)
+    try:  # a checkpoint written before configs recorded the rule a method's '@rule' suffix sets
+        saved["rule"] = method_rule(saved["method"]) or saved["rule"]
+    except (KeyError, TypeError, ValueError):
+        pass  # reported below as a differing field
     diffs = []
     for key in [*current, *(k for k in saved if k not in current)]:
         if key in RESUME_MAY_CHANGE:

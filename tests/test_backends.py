@@ -166,7 +166,7 @@ def test_explicit_unavailable_backends_raise_with_reason():
     with pytest.raises(BackendUnavailable, match=r"backend='cuda' is unavailable: the cuda backend runs on CUDA tensors, got cpu tensors"):
         MaskedMultiModalSGD([torch.zeros(2, requires_grad=True)], backend="cuda")
     with pytest.raises(BackendUnavailable, match=r"cannot run sampler='multinomial'"):
-        MaskedMultiModalSGD([torch.zeros(2, requires_grad=True)], backend="cpp", sampler="multinomial")
+        MaskedMultiModalSGD([torch.zeros(2, requires_grad=True)], backend="cpp", sampler="multinomial", mask="amss+")
     assert resolve_backend("auto", CPU, sampler="multinomial") == "reference"
 
 

@@ -26,12 +26,24 @@ def test_demo_trains_and_reports_rates_and_kept_fractions():
     assert len(result["history"]) == 2
     for row in result["history"]:
         for m in ("a", "b"):
-            assert 0.1 <= row["rate"][m] <= 0.9 or row["fallback_fraction"] > 0
+            assert 0.1 <= row["rate"][m] <= 1.0  # the default ratio rule's range
             assert 0 < row["kept_fraction"][m] <= 1
             assert abs(row["kept_fraction"][m] - row["rate"][m]) < 0.05  # thousands of units per step
     assert "rate_a" in lines[1] and "kept_b" in lines[1]
     assert lines[-2].startswith("amss test accuracy") and lines[-1].startswith("plain SGD, same seed")
     assert set(result["baseline_test_accuracy"]) == {"fused", "a", "b"}
+    assert "rule='ratio'" in lines[0]
+
+
+def test_demo_runs_the_papers_rule_on_request():
+    lines = []
+    result = run_demo(epochs=1, n=400, rule="softmax", baseline=False, print_fn=lines.append)
+    row = result["history"][0]
+    assert "rule='softmax'" in lines[0]
+    # the paper's rule gives two modalities rates that sum to 1 on every step that did not fall back
+    assert abs(row["rate"]["a"] + row["rate"]["b"] - 1) < 1e-6 or row["fallback_fraction"] > 0
+    with pytest.raises(ValueError, match=r"Invalid rule: 'bogus'; allowed: 'softmax' or 'ratio'"):
+        run_demo(epochs=1, n=400, rule="bogus", print_fn=lines.append)
 
 
 def test_cli_rejects_bad_arguments(capsys):

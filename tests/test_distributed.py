@@ -34,8 +34,8 @@ def _train(rank, world, ddp):
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     opt = MaskedMultiModalSGD(modality_param_groups(model.encoders, shared=model.head), lr=0.05, momentum=0.9,
                               weight_decay=1e-4, mask="amss", seed=7)
-    est = ModalSignificance()
-    ratio = ModalSignificance(rule="ratio")  # the other rule, on the same statistics (not used to train)
+    est = ModalSignificance(rule="softmax")  # the paper's rule trains: rates strictly inside (0, 1)
+    ratio = ModalSignificance()  # the default ratio rule, on the same statistics (not used to train)
     x, y = _data()
     part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     rates = []

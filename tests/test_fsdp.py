@@ -75,13 +75,13 @@ def _refusals(world):
     mesh = init_device_mesh("cpu", (world,))
     w = torch.nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(0)]))
     messages = []
-    for options, error in (({"backend": "cpp"}, BackendUnavailable), ({"sampler": "multinomial"}, ValueError)):
+    for options, error in (({"backend": "cpp"}, BackendUnavailable), ({"sampler": "multinomial", "mask": "amss+"}, ValueError)):
         try:
             MaskedMultiModalSGD([{"params": [w], "modality": "a"}], lr=0.1, **options)
         except error as e:
             messages.append(str(e))
     cols = torch.nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(1)]))
-    opt = MaskedMultiModalSGD([{"params": [cols], "modality": "a", "rate": 0.5}], lr=0.1)
+    opt = MaskedMultiModalSGD([{"params": [cols], "modality": "a", "rate": 0.5}], lr=0.1, mask="amss+")
     cols.grad = distribute_tensor(torch.ones(6, 4), mesh, [Shard(1)])
     before = cols.to_local().clone()
     try:

@@ -524,7 +524,7 @@ def test_scale_auto_backend_is_the_fused_one_and_matches_reference():
         (lambda: MaskedMultiModalSGD([{"params": _p(), "modality": "a"}]).add_param_group(
             {"params": _p(), "modality": "b", "mask": "scale", "unbiased": True}),
          r"Invalid param group 1: unbiased=True with mask='scale'; allowed: None or False"),
-        (lambda: MaskedMultiModalSGD([{"params": _p(), "modality": "a", "mask": "scale"}], unbiased=True),
+        (lambda: MaskedMultiModalSGD([{"params": _p(), "modality": "a", "mask": "scale"}], mask="amss+", unbiased=True),
          r"Invalid param group 0: unbiased=True with mask='scale'"),
     ],
 )

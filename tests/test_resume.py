@@ -203,6 +203,23 @@ def test_config_and_data_mismatch_are_refused(tiny, tmp_path):
         train(config("amss", epochs=1), tiny, resume=path)
 
 
+def test_rule_set_by_the_method_name_is_the_runs_rule(tiny, tmp_path):
+    """``amss@softmax`` trains with the softmax rule whatever ``rule`` says, and the result records it;
+    a checkpoint written when the config still held the unused ``rule`` value resumes all the same."""
+    path = tmp_path / "c.pt"
+    cfg = config("amss@softmax", rule="ratio")
+    full = run(cfg, tiny)[0]
+    assert full["config"]["rule"] == "softmax"
+    assert full["history"] == run(config("amss@softmax", rule="softmax"), tiny)[0]["history"]
+    interrupt_after(cfg, tiny, path)
+    state = load_checkpoint(path)
+    torch.save({**state, "config": {**state["config"], "rule": "ratio"}}, path)  # as older versions wrote it
+    resumed = train(cfg, tiny, resume=path)
+    assert {k: resumed[k] for k in COMPARED} == {k: full[k] for k in COMPARED}
+    with pytest.raises(ValueError, match=r"rule: checkpoint 'softmax', config 'ratio'"):
+        train(config("amss@ratio"), tiny, resume=path)
+
+
 def test_foreign_corrupt_and_unknown_version_files_are_refused(tiny, tmp_path):
     good = tmp_path / "good.pt"
     train(config("joint", epochs=1), tiny, checkpoint=good)

@@ -1,4 +1,5 @@
-"""ModalSignificance against SPEC §3 worked by hand."""
+"""ModalSignificance against SPEC §3 worked by hand: the paper's softmax rule (spelled out, as the
+default is the ratio rule) and the ratio rule."""
 
 import math
 
@@ -25,7 +26,7 @@ def example():
 
 def test_hand_computed_rates_without_features():
     logits, labels = example()
-    est = ModalSignificance(min_rate=0.01, max_rate=1.0)
+    est = ModalSignificance(rule="softmax", min_rate=0.01, max_rate=1.0)
     rates = est(logits, labels)
     i_a = LN2 - math.log(1 + math.exp(-2))
     i_v = 0.0
@@ -42,7 +43,7 @@ def test_hand_computed_rates_without_features():
 
 def test_default_clamps_apply():
     logits, labels = example()
-    rates = ModalSignificance()(logits, labels)  # 1 - s_a = 0.0556 -> 0.1, 1 - s_v = 0.944 -> 0.9
+    rates = ModalSignificance(rule="softmax")(logits, labels)  # 1 - s_a = 0.0556 -> 0.1, 1 - s_v = 0.944 -> 0.9
     assert rates == {"audio": 0.1, "video": 0.9}
 
 
@@ -53,7 +54,7 @@ def test_hand_computed_rates_with_features_and_bias():
     z_v = torch.tensor([[10.0, 0.0, 0.0, 0.0]]).repeat(4, 1)
     p = torch.softmax(z_v[0].double(), 0)
     h_v = -(p * p.log()).sum().item()
-    est = ModalSignificance(temperature=0.5, offset=0.3, bias=0.1, min_rate=0.0001, max_rate=1.0)
+    est = ModalSignificance(rule="softmax", temperature=0.5, offset=0.3, bias=0.1, min_rate=0.0001, max_rate=1.0)
     rates = est(logits, labels, features={"audio": z_a, "video": z_v})
     i_a = LN2 - math.log(1 + math.exp(-2))
     r_a, r_v = (i_a + 0.3) / math.log(4), (0 + 0.3) / h_v
@@ -65,7 +66,7 @@ def test_hand_computed_rates_with_features_and_bias():
 def test_label_entropy_ignores_absent_classes():
     labels = torch.tensor([0, 0, 0, 2])  # class 1 absent, p = (3/4, 0, 1/4)
     logits = {"a": torch.zeros(4, 3), "b": torch.zeros(4, 3)}
-    est = ModalSignificance(offset=2.0)
+    est = ModalSignificance(rule="softmax", offset=2.0)
     est(logits, labels)
     assert est.last.label_entropy == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)), abs=1e-12)
     assert est.last.cross_entropy["a"] == pytest.approx(math.log(3), abs=1e-12)
@@ -77,7 +78,7 @@ def test_more_significant_modality_gets_smaller_rate():
     strong = torch.nn.functional.one_hot(labels, 5).float() * 3 + torch.randn(256, 5, generator=gen)
     weak = torch.nn.functional.one_hot(labels, 5).float() * 0.5 + torch.randn(256, 5, generator=gen)
     noise = torch.randn(256, 5, generator=gen) * 0.1
-    est = ModalSignificance(temperature=1.0, min_rate=0.01, max_rate=1.0)
+    est = ModalSignificance(rule="softmax", temperature=1.0, min_rate=0.01, max_rate=1.0)
     rates = est({"weak": weak, "strong": strong, "noise": noise}, labels)
     mi = est.last.mutual_information
     assert mi["strong"] > mi["weak"] > mi["noise"]
@@ -88,7 +89,7 @@ def test_three_modalities_follow_the_softmax_formula():
     gen = torch.Generator().manual_seed(1)
     labels = torch.randint(3, (64,), generator=gen)
     logits = {m: torch.randn(64, 3, generator=gen) + k * torch.nn.functional.one_hot(labels, 3) for k, m in enumerate("xyz")}
-    est = ModalSignificance(temperature=0.7, min_rate=1e-6, max_rate=1.0)
+    est = ModalSignificance(rule="softmax", temperature=0.7, min_rate=1e-6, max_rate=1.0)
     rates = est(logits, labels)
     r = est.last.mi_rate
     z = sum(math.exp(r[m] / 0.7) for m in "xyz")
@@ -98,7 +99,7 @@ def test_three_modalities_follow_the_softmax_formula():
 def test_fallback_when_offset_mutual_information_is_not_positive():
     logits, labels = example()
     logits["video"] = torch.tensor([[0.0, 9.0], [0.0, 9.0], [9.0, 0.0], [9.0, 0.0]])  # confidently wrong
-    est = ModalSignificance()
+    est = ModalSignificance(rule="softmax")
     assert est(logits, labels) == {"audio": 0.5, "video": 0.5}
     assert est.last.fallback
     assert est.last.mutual_information["video"] + 0.5 <= 0
@@ -107,13 +108,13 @@ def test_fallback_when_offset_mutual_information_is_not_positive():
 def test_fallback_when_not_finite():
     logits, labels = example()
     logits["audio"][0, 0] = float("nan")
-    est = ModalSignificance()
+    est = ModalSignificance(rule="softmax")
     assert est(logits, labels) == {"audio": 0.5, "video": 0.5} and est.last.fallback
 
 
 def test_ema_smooths_mutual_information_rate_and_skips_fallback_batches():
     logits, labels = example()
-    est = ModalSignificance(beta=0.75, min_rate=1e-6, max_rate=1.0)
+    est = ModalSignificance(rule="softmax", beta=0.75, min_rate=1e-6, max_rate=1.0)
     est(logits, labels)
     r1 = est.last.mi_rate
     swapped = {"audio": logits["video"], "video": logits["audio"]}
@@ -124,7 +125,7 @@ def test_ema_smooths_mutual_information_rate_and_skips_fallback_batches():
     bad = dict(logits, video=torch.tensor([[0.0, 9.0]] * 2 + [[9.0, 0.0]] * 2))
     est(bad, labels)
     assert est.last.fallback and est.state_dict()["ema"] == pytest.approx(expected, abs=1e-12)
-    fresh = ModalSignificance(beta=0.75)
+    fresh = ModalSignificance(rule="softmax", beta=0.75)
     fresh.load_state_dict(est.state_dict())
     assert fresh.state_dict() == est.state_dict()
 
@@ -151,7 +152,7 @@ def test_constructor_validation(kwargs, exc, pattern):
 
 def test_call_validation():
     logits, labels = example()
-    est = ModalSignificance()
+    est = ModalSignificance(rule="softmax")
     with pytest.raises(ValueError, match=r"Invalid labels: \(4,\); allowed: a 1-D integer tensor"):
         est(logits, labels.float())
     with pytest.raises(ValueError, match=r"Invalid logits\['video'\]: shape \(3, 2\); allowed: \(4, K\)"):
@@ -169,7 +170,7 @@ def test_fallback_when_feature_entropy_is_zero():
     logits, labels = example()
     features = {"audio": torch.randn(4, 8), "video": torch.zeros(4, 8)}
     features["audio"][:, 0] = 1e4
-    est = ModalSignificance()
+    est = ModalSignificance(rule="softmax")
     assert est(logits, labels, features) == {"audio": 0.5, "video": 0.5}
     assert est.last.fallback and est.last.feature_entropy["audio"] == 0.0
 
@@ -227,7 +228,7 @@ def test_ratio_rule_fallback_keeps_every_step_and_states_refuse_the_other_rule()
     logits = {"a": _logits_with_accuracy(0.9, labels), "b": torch.full((4, 2), float("nan"))}
     est = ModalSignificance(rule="ratio")
     assert est(logits, labels) == {"a": 1.0, "b": 1.0} and est.last.fallback
-    paper = ModalSignificance()
+    paper = ModalSignificance(rule="softmax")
     paper({"a": logits["a"], "b": logits["a"]}, labels)
     with pytest.raises(ValueError, match=r"an EMA of rule 'softmax'; allowed: rule 'ratio'"):
         est.load_state_dict(paper.state_dict())

@@ -37,7 +37,7 @@ def run(tiny, method, **kw):
     return train(TrainConfig(dataset="synthetic:xor", method=method, **kw), tiny)
 
 
-@pytest.mark.parametrize("method", RUNNABLE + ["amss:channel", "uniform:channel", "amss+:channel"])
+@pytest.mark.parametrize("method", RUNNABLE + ["amss:channel", "uniform:channel", "amss+:channel", "amss@softmax", "scale@ratio"])
 def test_every_method_trains_and_reports(tiny, method):
     r = run(tiny, method, probe=True)
     assert r["best_epoch"] in (1, 2) or r["diverged_at_epoch"] is not None
@@ -45,10 +45,14 @@ def test_every_method_trains_and_reports(tiny, method):
     for key in ("accuracy", "macro_f1"):
         assert 0.0 <= r["test"][key] <= 1.0
     masked = method_spec(parse_method(method)[0]).mask != "none"
+    # The estimator's bounds: the ratio rule (default) [min_rate 0.1, 1]; the paper's softmax rule its
+    # clamps (0.1, 0.9) or its 0.5 fallback.
+    high = 0.9 if method.endswith("@softmax") else 1.0
+    assert r["config"]["rule"] == ("softmax" if method.endswith("@softmax") else "ratio")
     for row in r["history"]:
         for m in ("a", "b"):
-            if masked:  # the estimator's clamps (0.1, 0.9) or its 0.5 fallback
-                assert 0.1 <= row["rate"][m] <= 0.9
+            if masked:
+                assert 0.1 <= row["rate"][m] <= high
             else:
                 assert row["rate"][m] == 1.0 and row["kept_fraction"][m] == 1.0
     assert r["config"]["epochs"] == 2 and r["config"]["lr"] == 0.01  # dataset defaults filled in

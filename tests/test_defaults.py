@@ -1,0 +1,86 @@
+"""The defaults that the README's "Which method should I use?" names, and what they do.
+
+Issue 7's study (benchmarks/results/rule_study/) chose ``ModalSignificance(rule="ratio")`` with
+``MaskedMultiModalSGD(mask="scale")``; the paper's settings (``rule="softmax"``, ``mask="amss"`` /
+``"amss+"``) stay one argument away. These tests fail if a default drifts from the README or the
+README from the code.
+"""
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from masked_optim import MaskedMultiModalSGD, ModalSignificance
+from masked_optim.cli import DEFAULT_METHODS, _config_from, build_parser
+from masked_optim.training import TrainConfig
+from tolerances import assert_close
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _section(title):
+    text = (ROOT / "README.md").read_text()
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", text, flags=re.S | re.M)
+    assert match, f"README has no '## {title}' section"
+    return match.group(1)
+
+
+def test_optimizer_and_estimator_defaults():
+    assert inspect.signature(MaskedMultiModalSGD).parameters["mask"].default == "scale"
+    assert MaskedMultiModalSGD([torch.zeros(2, requires_grad=True)]).defaults["mask"] == "scale"
+    assert inspect.signature(ModalSignificance).parameters["rule"].default == "ratio"
+    assert ModalSignificance().rule == "ratio"
+
+
+def test_training_and_cli_defaults():
+    config = TrainConfig()
+    assert (config.method, config.rule) == ("scale", "ratio")
+    assert TrainConfig(method="amss@softmax").resolved().rule == "softmax"  # a method's @rule wins
+    assert TrainConfig(method="amss").resolved().rule == "ratio"
+    args = build_parser().parse_args(["train"])
+    assert args.method == "scale"
+    config = _config_from(args, method=args.method)  # as `masked-optim train` builds its run
+    assert (config.method, config.rule) == ("scale", "ratio")
+    assert DEFAULT_METHODS.split(",") == [
+        "joint", "ogm-ge", "uniform@softmax", "uniform@ratio", "amss@softmax", "amss@ratio",
+        "amss+@softmax", "amss+@ratio", "scale@softmax", "scale@ratio",
+    ]
+
+
+def test_readme_names_the_defaults_and_the_papers_settings():
+    section = _section("Which method should I use?")
+    for needle in ('mask="scale"', 'rule="ratio"', 'rule="softmax"', 'mask="amss+"', 'mask="amss"',
+                   'sampler="multinomial"', "benchmarks/run_rule_study.sh", "rule_study.png"):
+        assert needle in section, needle
+
+
+def test_default_step_is_sgd_for_the_weakest_modality_and_a_rate_times_sgd_for_the_other():
+    """The defaults end to end: the weaker modality (uninformative logits) gets rate 1 and the exact
+    ``torch.optim.SGD`` step; the dominant one gets its ratio-rule rate times the SGD step."""
+    labels = torch.tensor([0, 0, 1, 1])
+    logits = {"strong": torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [0.0, 2.0]]), "weak": torch.zeros(4, 2)}
+    rates = ModalSignificance()(logits, labels)
+    assert rates["weak"] == 1.0 and 0.1 <= rates["strong"] < 1.0
+    torch.manual_seed(0)
+    params = {m: torch.randn(5, 3, requires_grad=True) for m in logits}
+    grads = {m: torch.randn(5, 3) for m in logits}
+    for m in params:
+        params[m].grad = grads[m].clone()
+    opt = MaskedMultiModalSGD([{"params": [params[m]], "modality": m} for m in params], lr=0.1)
+    before = {m: p.detach().clone() for m, p in params.items()}
+    opt.step(rates=rates)
+    for m in params:
+        ref = before[m].clone().requires_grad_(True)
+        ref.grad = (grads[m] * rates[m]) if m == "strong" else grads[m].clone()
+        torch.optim.SGD([ref], lr=0.1).step()
+        # the float32 row of the tolerance table: the fused step multiplies rate and lr in one expression
+        assert_close(params[m].detach(), ref.detach())
+
+
+@pytest.mark.parametrize("bad", ["ratios", "", None])
+def test_rule_names_itself_when_wrong(bad):
+    with pytest.raises((ValueError, TypeError), match=r"Invalid rule"):
+        ModalSignificance(rule=bad)
