@@ -49,8 +49,7 @@ def run_demo(
     (same seed, same initial weights, same batches) is then trained with ``mask="none"`` (plain
     SGD) and both test accuracies are printed. Returns the per-epoch history and test accuracies.
     """
-    if rule not in ("softmax", "ratio"):
-        raise ValueError(f"Invalid rule: {rule!r}; allowed: 'softmax' or 'ratio'")
+    ModalSignificance(rule=rule)  # a bad rule fails here, with the estimator's message, before any training
     result = _train(epochs, mask, granularity, rule, n, setting, seed, batch_size, lr, print_fn, verbose=True)
     if baseline and mask != "none":
         joint = _train(epochs, "none", granularity, rule, n, setting, seed, batch_size, lr, print_fn, verbose=False)

@@ -42,7 +42,7 @@ def test_demo_runs_the_papers_rule_on_request():
     assert "rule='softmax'" in lines[0]
     # the paper's rule gives two modalities rates that sum to 1 on every step that did not fall back
     assert abs(row["rate"]["a"] + row["rate"]["b"] - 1) < 1e-6 or row["fallback_fraction"] > 0
-    with pytest.raises(ValueError, match=r"Invalid rule: 'bogus'; allowed: 'softmax' or 'ratio'"):
+    with pytest.raises(ValueError, match=r"Invalid rule: 'bogus'; allowed: one of 'softmax', 'ratio'"):
         run_demo(epochs=1, n=400, rule="bogus", print_fn=lines.append)
 
 
