@@ -11,7 +11,7 @@ import argparse
 import json
 
 from masked_optim.compare import save_json, summarise, validate_result
-from masked_optim.training import method_spec, parse_method
+from masked_optim.training import method_rule, method_spec, parse_method
 
 
 def relabel(comparison: dict, keep: list[str]) -> dict:
@@ -20,7 +20,7 @@ def relabel(comparison: dict, keep: list[str]) -> dict:
         method = run["config"]["method"]
         if method not in keep:
             continue
-        if "@" not in method and method_spec(parse_method(method)[0]).mask != "none":
+        if method_rule(method) is None and method_spec(parse_method(method)[0]).mask != "none":
             run = dict(run, config=dict(run["config"], method=method + "@softmax", rule="softmax"))
         runs.append(run)
     methods = list(dict.fromkeys(r["config"]["method"] for r in runs))

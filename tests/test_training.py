@@ -21,7 +21,7 @@ from masked_optim.compare import (
 from masked_optim.data import modality_competition
 from masked_optim.models import Conv1dEncoder, MLPEncoder, build_model
 from masked_optim.relearn import DiagnoseRelearn
-from masked_optim.training import METHODS, TrainConfig, method_spec, parse_method, train
+from masked_optim.training import METHODS, TrainConfig, method_rule, method_spec, parse_method, train
 
 RUNNABLE = list(METHODS) + ["relearn+amss", "relearn+uniform:channel"]
 
@@ -47,8 +47,9 @@ def test_every_method_trains_and_reports(tiny, method):
     masked = method_spec(parse_method(method)[0]).mask != "none"
     # The estimator's bounds: the ratio rule (default) [min_rate 0.1, 1]; the paper's softmax rule its
     # clamps (0.1, 0.9) or its 0.5 fallback.
-    high = 0.9 if method.endswith("@softmax") else 1.0
-    assert r["config"]["rule"] == ("softmax" if method.endswith("@softmax") else "ratio")
+    rule = method_rule(method) or TrainConfig.rule
+    high = 0.9 if rule == "softmax" else 1.0
+    assert r["config"]["rule"] == rule
     for row in r["history"]:
         for m in ("a", "b"):
             if masked:
