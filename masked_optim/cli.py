@@ -87,6 +87,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rule", default=d.rule, choices=["softmax", "ratio"],
                    help="rate rule for masked methods without '@rule' in their name (default %(default)s)")
     g.add_argument("--power", type=float, default=d.power, help="exponent of the ratio rule")
+    g.add_argument("--release-at", type=float, default=d.release_at,
+                   help="end rebalancing once every modality's EMA of I_m / H_Y reaches this; 'inf' never "
+                        "(default: 0.2 for the ratio rule, never for softmax)")
+    g.add_argument("--release-beta", type=float, default=d.release_beta, help="EMA factor of the release statistic")
     g = p.add_argument_group("OGM-GE (SPEC 6)")
     g.add_argument("--ogm-alpha", type=float, default=d.ogm_alpha)
     g.add_argument("--ogm-start", type=int, default=d.ogm_start, help="first modulated epoch (0-based)")
@@ -108,7 +112,7 @@ def _config_from(args: argparse.Namespace, **extra):
         momentum=args.momentum, weight_decay=args.weight_decay, smoothing=args.smoothing, backend=args.backend,
         temperature=args.temperature, offset=args.offset, bias=args.bias, min_rate=args.min_rate,
         max_rate=args.max_rate, beta=args.beta, estimator_features=not args.no_estimator_features,
-        rule=args.rule, power=args.power,
+        rule=args.rule, power=args.power, release_at=args.release_at, release_beta=args.release_beta,
         ogm_alpha=args.ogm_alpha, ogm_start=args.ogm_start, ogm_end=args.ogm_end, relearn_lam=args.relearn_lam,
         relearn_every=args.relearn_every, relearn_times=args.relearn_times, relearn_reset_buffers=args.relearn_reset_buffers,
         relearn_reset_optimizer=args.relearn_reset_optimizer, probe=not args.no_probe, **extra,

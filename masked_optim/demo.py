@@ -43,7 +43,8 @@ def run_demo(
     """Train two MLP encoders and a concatenation head with ``MaskedMultiModalSGD``.
 
     Every step, ``ModalSignificance(rule=rule)`` turns the head's per-modality slice logits into keep
-    rates (``"ratio"``: the weakest modality at rate 1; ``"softmax"``: the paper's, summing to 1);
+    rates (``"ratio"``: the weakest modality at rate 1, every rate 1 once both modalities are
+    informative (the default release); ``"softmax"``: the paper's, summing to 1, never released);
     each epoch prints the mean rates, the mean fraction of units actually kept, and validation
     accuracy of the fused head and of each modality's slice. With ``baseline``, the same model
     (same seed, same initial weights, same batches) is then trained with ``mask="none"`` (plain

@@ -204,8 +204,8 @@ class MaskedMultiModalSGD(Optimizer):
             ``rate`` and override every keyword below except ``nonfinite``.
         lr, momentum, dampening, weight_decay, nesterov, maximize: as :class:`torch.optim.SGD`.
         mask: ``"scale"`` (default: no mask, the gradient times the rate; with
-            ``ModalSignificance(rule="ratio")`` the configuration the README's "Which method should I
-            use?" measured best), ``"none"``, ``"uniform"``, ``"amss"`` or ``"amss+"`` (the paper's
+            ``ModalSignificance(rule="ratio")`` and its default release, the configuration the README's
+            "Which method should I use?" measured best), ``"none"``, ``"uniform"``, ``"amss"`` or ``"amss+"`` (the paper's
             AMSS / AMSS+, with ``ModalSignificance(rule="softmax")``).
         granularity: ``"element"`` (default) or ``"channel"``.
         smoothing: :math:`\gamma \in [0, 1]`, mixes the importance with the uniform distribution

@@ -15,6 +15,9 @@ __all__ = ["ModalSignificance", "SignificanceStats", "RULES"]
 FALLBACK_RATE = 0.5
 RULES = ("softmax", "ratio")
 RATIO_MI_FLOOR = 1e-3  # SPEC §3: u_m = max(I_m, 1e-3) / H_m
+# The ratio rule rebalances until every modality's slice explains this fraction of the label entropy
+# (README, "Which method should I use?": chosen on the rule study's runs, confirmed on held-out ones).
+DEFAULT_RELEASE_AT = {"ratio": 0.2, "softmax": math.inf}
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,8 @@ class SignificanceStats:
     ``label_entropy`` is :math:`H_Y`; ``mutual_information[m]`` is :math:`I_m`;
     ``feature_entropy[m]`` is :math:`H_m` (empty without features); ``mi_rate[m]`` is the
     :math:`r_m` that entered the softmax, or the :math:`u_m` of the ratio rule (after EMA);
-    ``fallback`` is True when the rates are the fallback (0.5 for ``softmax``, 1.0 for ``ratio``).
+    ``fallback`` is True when the rates are the fallback (0.5 for ``softmax``, 1.0 for ``ratio``);
+    ``released`` is True once rebalancing has ended (``release_at``), and the rates are then ``max_rate``.
     """
 
     label_entropy: float
@@ -34,6 +38,7 @@ class SignificanceStats:
     rates: dict[str, float]
     fallback: bool = False
     cross_entropy: dict[str, float] = field(default_factory=dict)
+    released: bool = False
 
 
 def _ratio(num: float, den: float) -> float:
@@ -68,7 +73,17 @@ class ModalSignificance:
       :math:`\rho_{max} = 1`) and only the dominant ones are slowed. ``temperature``, ``offset``
       and ``bias`` do not enter. If anything is not finite, every rate is 1 (no rebalancing).
 
-    A fallback batch does not update the EMA.
+    Release (this library's addition to SPEC §3, on by default for ``ratio``): rebalancing is
+    meant to get a starved modality off the ground, and slowing a dominant modality after the weak
+    one has learned what it can only under-trains the dominant one. So the estimator also keeps an
+    EMA (factor ``release_beta``, starting at the first batch) of each modality's normalised
+    information :math:`I_m / H_Y`, the fraction of the batch's label entropy that the modality's
+    slice explains. Once every modality's EMA has reached ``release_at``, the estimator is
+    *released*: from then on every call returns ``max_rate`` for every modality (1 with the ratio
+    rule's defaults: plain SGD), until :meth:`reset`. ``release_at=math.inf`` never releases:
+    the rules exactly as SPEC §3 states them.
+
+    A fallback batch, or one with a single class (:math:`H_Y = 0`), updates neither EMA.
 
     Args:
         rule: ``"ratio"`` (default: the rule the README's "Which method should I use?" measured
@@ -81,6 +96,10 @@ class ModalSignificance:
             0.9 for ``softmax`` / 1.0 for ``ratio``).
         beta: EMA factor in [0, 1) for :math:`r_m` across calls (default 0: per batch, as the
             paper): :math:`\bar r \leftarrow \beta \bar r + (1 - \beta) r`, starting at the first r.
+        release_at: the normalised information every modality must reach for rebalancing to end,
+            a number >= 0 or ``math.inf`` (never). Default ``None``: the rule's default, 0.2 for
+            ``ratio`` and ``math.inf`` for ``softmax`` (the paper's behaviour).
+        release_beta: EMA factor in [0, 1) for :math:`I_m / H_Y` (default 0.9: about ten batches).
         sync_distributed: under an initialised ``torch.distributed`` with more than one rank
             (default True), the label histogram and the sums of cross-entropies and feature
             entropies are all-reduced (one call, SPEC §3) before the rates are computed, so every
@@ -105,6 +124,8 @@ class ModalSignificance:
         *,
         rule: str = "ratio",
         power: float = 1.0,
+        release_at: Optional[float] = None,
+        release_beta: float = 0.9,
     ) -> None:
         if not isinstance(rule, str) or rule not in RULES:
             raise ValueError(f"Invalid rule: {rule!r}; allowed: one of {', '.join(map(repr, RULES))}")
@@ -126,12 +147,28 @@ class ModalSignificance:
                 f"Invalid min_rate={min_rate!r} > max_rate={max_rate!r}; allowed: min_rate <= max_rate"
             )
         self.beta = _check("beta", beta, 0 <= beta < 1, "a number in [0, 1)")
+        if release_at is None:
+            release_at = DEFAULT_RELEASE_AT[rule]
+        allowed = "a number >= 0 or math.inf (never release), or None (the rule's default)"
+        if isinstance(release_at, bool) or not isinstance(release_at, (int, float)):
+            raise TypeError(f"Invalid release_at: {release_at!r}; allowed: {allowed}")
+        if math.isnan(release_at) or release_at < 0:
+            raise ValueError(f"Invalid release_at: {release_at!r}; allowed: {allowed}")
+        self.release_at = float(release_at)
+        self.release_beta = _check("release_beta", release_beta, 0 <= release_beta < 1, "a number in [0, 1)")
         self._ema: Optional[dict[str, float]] = None
+        self._info_ema: Optional[dict[str, float]] = None
+        self.released = False
         self.last: Optional[SignificanceStats] = None
 
     def state_dict(self) -> dict:
-        """The EMA state and the rule it belongs to (for checkpoints)."""
-        return {"ema": None if self._ema is None else dict(self._ema), "rule": self.rule}
+        """The EMA states, whether the estimator is released, and the rule they belong to (for checkpoints)."""
+        return {
+            "ema": None if self._ema is None else dict(self._ema),
+            "rule": self.rule,
+            "info_ema": None if self._info_ema is None else dict(self._info_ema),
+            "released": self.released,
+        }
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore :meth:`state_dict`; an EMA of the other rule's statistic is refused."""
@@ -143,10 +180,19 @@ class ModalSignificance:
             )
         ema = state.get("ema")
         self._ema = None if ema is None else {str(k): float(v) for k, v in ema.items()}
+        # States written before release existed have neither key: not released, no EMA yet.
+        info = state.get("info_ema")
+        self._info_ema = None if info is None else {str(k): float(v) for k, v in info.items()}
+        released = state.get("released", False)
+        if not isinstance(released, bool):
+            raise ValueError(f"Invalid state: released={released!r}; allowed: True or False")
+        self.released = released
 
     def reset(self) -> None:
-        """Forget the EMA."""
+        """Forget both EMAs and end a release: the next call rebalances again."""
         self._ema = None
+        self._info_ema = None
+        self.released = False
 
     def _distributed(self) -> bool:
         import torch.distributed as dist
@@ -244,6 +290,7 @@ class ModalSignificance:
             else:
                 r_used = dict(r)
             self._ema = dict(r_used)
+            self._update_release(mi_d, h_y)
             if self.rule == "softmax":
                 scaled = [r_used[m] / self.temperature for m in names]
                 top = max(scaled)
@@ -254,6 +301,8 @@ class ModalSignificance:
                 weakest = min(r_used.values())
                 raw = {m: (weakest / r_used[m]) ** self.power for m in names}
             rates = {m: min(self.max_rate, max(self.min_rate, raw[m])) for m in names}
+        if self.released:
+            rates = {m: self.max_rate for m in names}
         self.last = SignificanceStats(
             label_entropy=h_y,
             mutual_information=mi_d,
@@ -262,5 +311,20 @@ class ModalSignificance:
             rates=dict(rates),
             fallback=fallback,
             cross_entropy=ce_d,
+            released=self.released,
         )
         return rates
+
+    def _update_release(self, mi: Mapping[str, float], h_y: float) -> None:
+        """Fold this batch's :math:`I_m / H_Y` into the release EMA; release once every modality's EMA reaches ``release_at``."""
+        if self.released or h_y <= 0 or math.isinf(self.release_at):
+            return
+        x = {m: v / h_y for m, v in mi.items()}
+        prev = self._info_ema
+        if prev is None or set(prev) != set(x):
+            ema = x
+        else:
+            ema = {m: self.release_beta * prev[m] + (1 - self.release_beta) * x[m] for m in x}
+        self._info_ema = ema
+        if min(ema.values()) >= self.release_at:
+            self.released = True

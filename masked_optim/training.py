@@ -139,8 +139,8 @@ class TrainConfig:
     """Everything that defines one run. ``None`` means the dataset family's default (``DATASET_DEFAULTS``).
 
     Estimator options (``temperature``, ``offset``, ``bias``, ``min_rate``, ``max_rate``, ``beta``,
-    ``rule``, ``power``) are :class:`~masked_optim.ModalSignificance`'s (``max_rate=None``: the
-    rule's default; a method name's ``@rule`` overrides ``rule``); ``estimator_features`` passes the encoder
+    ``rule``, ``power``, ``release_at``, ``release_beta``) are :class:`~masked_optim.ModalSignificance`'s
+    (``max_rate=None`` and ``release_at=None``: the rule's default; a method name's ``@rule`` overrides ``rule``); ``estimator_features`` passes the encoder
     features so the rate uses the feature entropy (SPEC §3). ``ogm_*`` are OGM-GE's ``alpha``,
     ``start``, ``end`` (epochs). ``relearn_*`` are :class:`~masked_optim.DiagnoseRelearn`'s
     ``lam``, ``every``, ``times``, ``reset_buffers`` and ``reset_optimizer_state``. ``data_seed`` draws the synthetic data; real datasets have fixed
@@ -168,6 +168,8 @@ class TrainConfig:
     estimator_features: bool = True
     rule: str = "ratio"
     power: float = 1.0
+    release_at: Optional[float] = None
+    release_beta: float = 0.9
     ogm_alpha: float = 0.8
     ogm_start: int = 0
     ogm_end: Optional[int] = None
@@ -227,6 +229,7 @@ def _build(config: TrainConfig, data: MultimodalSplits):
             temperature=config.temperature, offset=config.offset, bias=config.bias,
             min_rate=config.min_rate, max_rate=config.max_rate, beta=config.beta,
             rule=method_rule(config.method) or config.rule, power=config.power,
+            release_at=config.release_at, release_beta=config.release_beta,
         )
     modulation = None
     if method.modulation:
@@ -350,6 +353,8 @@ def _check_resumable(state: Mapping[str, Any], config: TrainConfig, path: str) -
         saved["rule"] = method_rule(saved["method"]) or saved["rule"]
     except (KeyError, TypeError, ValueError):
         pass  # reported below as a differing field
+    if "release_at" not in saved and "rule" in saved:  # written before release existed: it never released
+        saved["release_at"], saved["release_beta"] = math.inf, 0.9
     diffs = []
     for key in [*current, *(k for k in saved if k not in current)]:
         if key in RESUME_MAY_CHANGE:
@@ -601,6 +606,8 @@ def _train(config, data, progress, on_epoch_end, checkpoint, checkpoint_every, s
             "fallback_fraction": fallbacks / max(steps, 1),
             "val": val,
         }
+        if estimator is not None:
+            row["released"] = estimator.released
         if val["fused"] > best_acc:
             best_epoch, best_acc = epoch, val["fused"]
             best_state = copy.deepcopy(model.state_dict())
@@ -643,6 +650,8 @@ def _train(config, data, progress, on_epoch_end, checkpoint, checkpoint_every, s
         "val": _evaluate(model, data, "val", probe=False),
         "test": _evaluate(model, data, "test", probe=config.probe),
         "mean_rates": {m: rate_total[m] / max(rate_steps, 1) for m in modalities},
+        # the first epoch at whose end the estimator was released (rates max_rate from then on)
+        "release_epoch": next((row["epoch"] for row in history if row.get("released")), None),
         "steps": steps_total,
         "diverged_at_epoch": diverged_at,
         "wall_time_s": wall,

@@ -49,7 +49,7 @@ def _train(rank, world, ddp):
         opt.step(rates=r)
         r_ratio = ratio({m: o.detach() for m, o in out.modality_logits.items()}, y[step, part],
                         {m: z.detach() for m, z in out.features.items()})
-        rates.append((r, r_ratio))
+        rates.append((r, r_ratio, dict(ratio.state_dict()["info_ema"])))  # the release statistic too
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, rates
 
 
@@ -78,7 +78,7 @@ def test_ddp_ranks_stay_identical_and_match_one_process():
     for k in params0:
         assert torch.equal(params0[k], params1[k]), k  # replicas bit-identical
     single_params, single_rates = _train(0, 1, ddp=False)
-    for pair_ddp, pair_one in zip(rates0, single_rates):  # softmax and ratio rules
+    for pair_ddp, pair_one in zip(rates0, single_rates):  # softmax and ratio rules, ratio's release EMA
         for r_ddp, r_one in zip(pair_ddp, pair_one):
             for m in r_one:
                 assert abs(r_ddp[m] - r_one[m]) < 1e-6

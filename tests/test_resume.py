@@ -24,8 +24,8 @@ EPOCHS, STOP = 4, 2
 CHEAP = list(METHODS) + ["relearn+amss", "relearn+uniform:channel", "uniform:channel", "amss:channel", "amss+:channel"]
 BACKENDS = [b for b in ("reference", "cpp") if backend_status(b, torch.device("cpu")) is None]
 # Everything of the result but the wall time.
-COMPARED = ("config", "dataset", "modalities", "num_classes", "best_epoch", "val", "test", "mean_rates", "steps",
-            "diverged_at_epoch", "history")
+COMPARED = ("config", "dataset", "modalities", "num_classes", "best_epoch", "val", "test", "mean_rates",
+            "release_epoch", "steps", "diverged_at_epoch", "history")
 
 
 class Interrupt(Exception):
@@ -218,6 +218,29 @@ def test_rule_set_by_the_method_name_is_the_runs_rule(tiny, tmp_path):
     assert {k: resumed[k] for k in COMPARED} == {k: full[k] for k in COMPARED}
     with pytest.raises(ValueError, match=r"rule: checkpoint 'softmax', config 'ratio'"):
         train(config("amss@ratio"), tiny, resume=path)
+
+
+def test_release_crosses_the_checkpoint_and_older_checkpoints_never_released(tiny, tmp_path):
+    """A run whose estimator is released before the checkpoint stays released after resuming (the
+    flag and its EMA are in the checkpoint), bit-identical to the whole run. A checkpoint written
+    before release existed (no release_at in its config) resumes only with release_at=inf, which is
+    what it ran with."""
+    path = tmp_path / "c.pt"
+    cfg = config("scale@ratio", lr=0.3, release_at=0.0)  # both modalities informative after 3 of 4 epochs
+    full = full_run(cfg, tiny)
+    assert full[0]["release_epoch"] == 3  # else the test proves nothing: released before the checkpoint
+    assert full[0]["history"][3]["rate"] == {"a": 1.0, "b": 1.0}
+    interrupt_after(cfg, tiny, path, epoch=3)
+    assert load_checkpoint(path)["estimator"]["released"] is True
+    assert_same_run(run(cfg, tiny, resume=path), full)
+    never = config("scale@ratio", release_at=float("inf"))
+    interrupt_after(never, tiny, path)
+    state = load_checkpoint(path)
+    old = {k: v for k, v in state["config"].items() if k not in ("release_at", "release_beta")}
+    torch.save({**state, "config": old}, path)
+    with pytest.raises(ValueError, match=r"release_at: checkpoint inf, config None"):
+        train(config("scale@ratio"), tiny, resume=path)
+    assert_same_run(run(never, tiny, resume=path), full_run(never, tiny))
 
 
 def test_foreign_corrupt_and_unknown_version_files_are_refused(tiny, tmp_path):

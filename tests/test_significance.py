@@ -143,6 +143,11 @@ def test_ema_smooths_mutual_information_rate_and_skips_fallback_batches():
         (dict(rule="linear"), ValueError, r"Invalid rule: 'linear'; allowed: one of 'softmax', 'ratio'"),
         (dict(rule="ratio", power=0), ValueError, r"Invalid power: 0; allowed: a number > 0"),
         (dict(rule="ratio", power=True), TypeError, r"Invalid power: True; allowed: a number > 0"),
+        (dict(release_at=-0.1), ValueError, r"Invalid release_at: -0\.1; allowed: a number >= 0 or math\.inf"),
+        (dict(release_at=float("nan")), ValueError, r"Invalid release_at: nan; allowed: a number >= 0 or math\.inf"),
+        (dict(release_at="0.2"), TypeError, r"Invalid release_at: '0\.2'; allowed: a number >= 0 or math\.inf"),
+        (dict(release_at=True), TypeError, r"Invalid release_at: True; allowed"),
+        (dict(release_beta=1.0), ValueError, r"Invalid release_beta: 1\.0; allowed: a number in \[0, 1\)"),
     ],
 )
 def test_constructor_validation(kwargs, exc, pattern):
@@ -185,15 +190,15 @@ def _logits_with_accuracy(p_right, labels):
 def test_ratio_rule_two_modalities_by_hand():
     labels = torch.tensor([0, 1, 0, 1])  # H_Y = ln 2
     logits = {"a": _logits_with_accuracy(0.9, labels), "b": _logits_with_accuracy(0.6, labels)}
-    est = ModalSignificance(rule="ratio")
+    est = ModalSignificance(rule="ratio", release_at=math.inf)  # SPEC §3 exactly (no release)
     rates = est(logits, labels)
     i_a, i_b = LN2 + math.log(0.9), LN2 + math.log(0.6)  # 0.5878, 0.1823
     assert rates == pytest.approx({"a": i_b / i_a, "b": 1.0}, abs=1e-12)  # the weakest keeps the full step
     assert est.last.mi_rate == pytest.approx({"a": i_a, "b": i_b}, abs=1e-12) and not est.last.fallback
     # temperature, offset and bias do not enter the ratio rule; power does
-    same = ModalSignificance(rule="ratio", temperature=3.0, offset=2.0, bias=0.3)(logits, labels)
+    same = ModalSignificance(rule="ratio", temperature=3.0, offset=2.0, bias=0.3, release_at=math.inf)(logits, labels)
     assert same == rates
-    squared = ModalSignificance(rule="ratio", power=2.0, min_rate=1e-4)(logits, labels)
+    squared = ModalSignificance(rule="ratio", power=2.0, min_rate=1e-4, release_at=math.inf)(logits, labels)
     assert squared == pytest.approx({"a": (i_b / i_a) ** 2, "b": 1.0}, abs=1e-12)
 
 
@@ -210,16 +215,16 @@ def test_ratio_rule_three_modalities_with_features_floor_and_clamp():
     h_peaked = -(p * p.log()).sum().item()
     features = {"a": z_uniform, "b": z_peaked, "c": z_uniform}
     u = {"a": (LN2 + math.log(0.9)) / math.log(4), "b": (LN2 + math.log(0.6)) / h_peaked, "c": 1e-3 / math.log(4)}
-    est = ModalSignificance(rule="ratio", min_rate=1e-4)
+    est = ModalSignificance(rule="ratio", min_rate=1e-4, release_at=math.inf)
     rates = est(logits, labels, features)
     assert est.last.mi_rate == pytest.approx(u, abs=1e-12)
     assert rates == pytest.approx({m: u["c"] / u[m] for m in u}, abs=1e-12)
     assert rates["c"] == 1.0
     # the default floor min_rate = 0.1 applies to the dominant modalities (here both below it)
-    floored = ModalSignificance(rule="ratio")(logits, labels, features)
+    floored = ModalSignificance(rule="ratio", release_at=math.inf)(logits, labels, features)
     assert floored == {"a": 0.1, "b": 0.1, "c": 1.0}
     # and max_rate, when given, caps the weakest too
-    capped = ModalSignificance(rule="ratio", min_rate=1e-4, max_rate=0.8)(logits, labels, features)
+    capped = ModalSignificance(rule="ratio", min_rate=1e-4, max_rate=0.8, release_at=math.inf)(logits, labels, features)
     assert capped["c"] == 0.8 and capped["a"] == pytest.approx(u["c"] / u["a"], abs=1e-12)
 
 
@@ -235,3 +240,77 @@ def test_ratio_rule_fallback_keeps_every_step_and_states_refuse_the_other_rule()
     est.load_state_dict({"ema": None})  # no EMA yet: nothing to mix up
     with pytest.raises(ValueError, match=r"an EMA of rule 'softmax'"):
         est.load_state_dict({"ema": {"a": 1.0, "b": 2.0}})  # written before the rule existed: softmax
+
+
+# ----------------------------------------------------------------------------- release
+def _two(p_a, p_b, labels):
+    return {"a": _logits_with_accuracy(p_a, labels), "b": _logits_with_accuracy(p_b, labels)}
+
+
+def test_release_defaults_per_rule():
+    assert ModalSignificance().release_at == 0.2 and ModalSignificance().release_beta == 0.9
+    assert ModalSignificance(rule="softmax").release_at == math.inf  # the paper's rule never releases
+    assert ModalSignificance(rule="ratio", release_at=0).release_at == 0.0
+
+
+def test_release_by_hand_latches_and_reset_rearms():
+    """EMA of I_m / H_Y by hand (release_beta 0.5, release_at 0.2); the ratio rates until the weakest
+    modality's EMA reaches 0.2, then every rate is max_rate for good, even if the modality falls back."""
+    labels = torch.tensor([0, 1, 0, 1])  # H_Y = ln 2
+    x = lambda p: (LN2 + math.log(p)) / LN2  # noqa: E731 - the normalised information of accuracy p
+    est = ModalSignificance(rule="ratio", release_at=0.2, release_beta=0.5)
+    ema_b = None
+    for p_b in (0.5, 0.55, 0.6, 0.62):  # b's I / H_Y: 0, 0.1375, 0.263, 0.310
+        rates = est(_two(0.9, p_b, labels), labels)
+        ema_b = x(p_b) if ema_b is None else 0.5 * ema_b + 0.5 * x(p_b)
+        assert est.state_dict()["info_ema"]["b"] == pytest.approx(ema_b, abs=1e-12)
+        i_a, i_b = LN2 + math.log(0.9), max(LN2 + math.log(p_b), 1e-3)
+        if ema_b < 0.2:
+            assert not est.released and not est.last.released
+            assert rates == pytest.approx({"a": max(0.1, i_b / i_a), "b": 1.0}, abs=1e-12)
+        else:
+            assert est.released and est.last.released and rates == {"a": 1.0, "b": 1.0}
+    # 0, 0.069, 0.166, 0.238: released on the fourth batch, not before
+    assert est.released and ema_b == pytest.approx(0.2380, abs=1e-3)
+    assert est(_two(0.9, 0.5, labels), labels) == {"a": 1.0, "b": 1.0}  # latched: b uninformative again
+    est.reset()
+    assert not est.released and est.state_dict()["info_ema"] is None
+    assert est(_two(0.9, 0.5, labels), labels)["a"] == pytest.approx(0.1)  # rebalancing again (floor)
+
+
+def test_release_gives_max_rate_and_softmax_can_release_too():
+    labels = torch.tensor([0, 1, 0, 1])
+    capped = ModalSignificance(rule="ratio", max_rate=0.8, release_beta=0.0)
+    assert capped(_two(0.9, 0.7, labels), labels) == {"a": 0.8, "b": 0.8}  # b: I / H_Y = 0.485 >= 0.2
+    paper = ModalSignificance(rule="softmax", release_at=0.2, release_beta=0.0)
+    assert paper(_two(0.9, 0.7, labels), labels) == {"a": 0.9, "b": 0.9}
+    never = ModalSignificance(rule="ratio", release_at=math.inf, release_beta=0.0)
+    for _ in range(3):
+        assert never(_two(0.9, 0.7, labels), labels)["a"] < 1.0 and not never.released
+
+
+def test_release_ema_skips_fallback_and_single_class_batches():
+    labels = torch.tensor([0, 1, 0, 1])
+    est = ModalSignificance(rule="ratio", release_beta=0.5)
+    est(_two(0.9, 0.5, labels), labels)
+    before = est.state_dict()["info_ema"]
+    est({"a": _logits_with_accuracy(0.9, labels), "b": torch.full((4, 2), float("nan"))}, labels)  # fallback
+    one_class = torch.tensor([1, 1, 1, 1])  # H_Y = 0: I_m / H_Y undefined
+    est(_two(0.9, 0.9, one_class), one_class)
+    assert est.state_dict()["info_ema"] == before and not est.released
+
+
+def test_release_state_round_trip_and_states_written_before_release():
+    labels = torch.tensor([0, 1, 0, 1])
+    est = ModalSignificance(rule="ratio", release_beta=0.0)
+    est(_two(0.9, 0.7, labels), labels)
+    assert est.released
+    fresh = ModalSignificance(rule="ratio", release_beta=0.0)
+    fresh.load_state_dict(est.state_dict())
+    assert fresh.released and fresh.state_dict() == est.state_dict()
+    assert fresh(_two(0.9, 0.5, labels), labels) == {"a": 1.0, "b": 1.0}
+    old = ModalSignificance(rule="ratio")
+    old.load_state_dict({"ema": None, "rule": "ratio"})  # a checkpoint from before release existed
+    assert not old.released and old.state_dict()["info_ema"] is None
+    with pytest.raises(ValueError, match=r"Invalid state: released='yes'; allowed: True or False"):
+        old.load_state_dict({"ema": None, "rule": "ratio", "released": "yes"})
