@@ -1,12 +1,13 @@
 """The defaults that the README's "Which method should I use?" names, and what they do.
 
-Issue 7's study (benchmarks/results/rule_study/) chose ``ModalSignificance(rule="ratio")`` with
-``MaskedMultiModalSGD(mask="scale")``; the paper's settings (``rule="softmax"``, ``mask="amss"`` /
+Issue 7's studies (benchmarks/results/rule_study/, release_study/) chose ``ModalSignificance(rule="ratio")``
+with its release at 0.2 and ``MaskedMultiModalSGD(mask="scale")``; the paper's settings (``rule="softmax"``, ``mask="amss"`` /
 ``"amss+"``) stay one argument away. These tests fail if a default drifts from the README or the
 README from the code.
 """
 
 import inspect
+import math
 import re
 from pathlib import Path
 
@@ -50,10 +51,21 @@ def test_training_and_cli_defaults():
     ]
 
 
+def test_release_is_the_ratio_rules_default_and_reachable_from_the_cli():
+    assert ModalSignificance().release_at == 0.2 and ModalSignificance(rule="softmax").release_at == math.inf
+    assert TrainConfig().release_at is None  # the estimator's default for the run's rule
+    args = build_parser().parse_args(["train", "--release-at", "inf", "--release-beta", "0.5"])
+    config = _config_from(args, method=args.method)
+    assert (config.release_at, config.release_beta) == (math.inf, 0.5)
+    args = build_parser().parse_args(["compare", "--release-at", "0.3"])
+    assert _config_from(args).release_at == 0.3
+
+
 def test_readme_names_the_defaults_and_the_papers_settings():
     section = _section("Which method should I use?")
     for needle in ('mask="scale"', 'rule="ratio"', 'rule="softmax"', 'mask="amss+"', 'mask="amss"',
-                   'sampler="multinomial"', "benchmarks/run_rule_study.sh", "rule_study.png"):
+                   'sampler="multinomial"', "benchmarks/run_rule_study.sh", "rule_study.png",
+                   "release_at=0.2", "release_at=math.inf", "benchmarks/run_release_study.sh", "release_study.png"):
         assert needle in section, needle
 
 
@@ -84,3 +96,31 @@ def test_default_step_is_sgd_for_the_weakest_modality_and_a_rate_times_sgd_for_t
 def test_rule_names_itself_when_wrong(bad):
     with pytest.raises((ValueError, TypeError), match=r"Invalid rule"):
         ModalSignificance(rule=bad)
+
+
+def test_readme_release_numbers_are_those_of_the_stored_study():
+    """The default's paired differences in "Which method should I use?" are recomputed from the release
+    study's JSONs (benchmarks/results/release_study/): a rerun that changes them must change the README."""
+    import json
+
+    from masked_optim.compare import summarise
+
+    section = _section("Which method should I use?")
+    study = ROOT / "benchmarks" / "results" / "release_study"
+    rule = ROOT / "benchmarks" / "results" / "rule_study"
+
+    def runs(path, methods):
+        return [r for r in json.loads(path.read_text())["runs"] if r["config"]["method"] in methods]
+
+    cases = {
+        "synthetic_xor": runs(study / "synthetic_xor.json", {"joint", "scale@ratio"}),
+        "synthetic_parity3": runs(study / "synthetic_parity3.json", {"joint", "scale@ratio"}),
+        "mfeat_fac_zer": runs(study / "mfeat_fac_zer.json", {"joint", "scale@ratio"}),
+        "watch": runs(rule / "watch.json", {"joint"}) + runs(study / "watch_scale.json", {"scale@ratio"}),
+        "xor held out": runs(study / "synthetic_xor_heldout.json", {"joint", "scale@ratio"}),
+        "mfeat held out": runs(study / "mfeat_fac_zer_heldout.json", {"joint", "scale@ratio"}),
+    }
+    for name, rs in cases.items():
+        acc = summarise({"runs": rs})["scale@ratio"]["accuracy"]
+        cell = f"{100 * acc['diff_vs_joint']:+.2f} ± {100 * acc['diff_se']:.2f}".replace("-", "−")
+        assert cell in section, (name, cell)
