@@ -9,7 +9,7 @@ saves JSON with the machine, versions and date under benchmarks/results/.
 
 import sys
 
-from masked_optim.benchmark import main
+from masked_optim.experiments.benchmark import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="bench_step.py"))

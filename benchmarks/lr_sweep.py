@@ -1,8 +1,8 @@
-"""Choose each dataset's learning rate for joint training on the validation split (SPEC §7).
+"""Choose each dataset's learning rate for joint training on the validation split (docs/algorithm.md §7).
 
 For every dataset and learning rate, trains ``joint`` for a few seeds (and every fold) and prints the
 mean validation accuracy of the fused head at its best epoch; the test split is never looked at.
-The chosen rates are ``masked_optim.training.DATASET_DEFAULTS`` and are reused by every method.
+The chosen rates are ``masked_optim.experiments.training.DATASET_DEFAULTS`` and are reused by every method.
 
     python benchmarks/lr_sweep.py --datasets mfeat:fac+zer watch --lrs 0.003 0.01 0.03 0.1 --seeds 2
 """
@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from masked_optim.benchmark import machine
-from masked_optim.data import load_dataset, num_folds
-from masked_optim.training import TrainConfig, train
+from masked_optim.experiments.benchmark import machine
+from masked_optim.experiments.data import load_dataset, num_folds
+from masked_optim.experiments.training import TrainConfig, train
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ Only the methods given (default: joint, ogm-ge, uniform, amss, amss+) are kept.
 import argparse
 import json
 
-from masked_optim.compare import save_json, summarise, validate_result
-from masked_optim.training import method_rule, method_spec, parse_method
+from masked_optim.experiments.compare import save_json, summarise, validate_result
+from masked_optim.experiments.training import method_rule, method_spec, parse_method
 
 
 def relabel(comparison: dict, keep: list[str]) -> dict:

@@ -19,7 +19,7 @@ import os
 import statistics
 import sys
 
-from masked_optim.compare import summarise, validate_result
+from masked_optim.experiments.compare import summarise, validate_result
 from rule_study_report import WEAK  # the modality joint training under-uses, per dataset (a sibling script)
 
 SETTINGS = ("synthetic_xor", "synthetic_parity3", "mfeat_fac_zer", "watch")

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from masked_optim.compare import summarise, validate_result
+from masked_optim.experiments.compare import summarise, validate_result
 
 # The modality joint training under-uses on each dataset (README, "Results").
 WEAK = {"synthetic:xor": "b", "synthetic:parity3": "b", "mfeat:fac+zer": "zer", "watch": "gyro"}

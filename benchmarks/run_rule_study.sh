@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 7's study: every mask mode x both rate rules, against joint training and OGM-GE.
-#   synthetic:xor and synthetic:parity3 (SPEC 8): 2 data draws x 5 seeds
+#   synthetic:xor and synthetic:parity3 (docs/algorithm.md §8): 2 data draws x 5 seeds
 #   mfeat:fac+zer: 5 seeds
 #   watch: 5 subject folds x 5 seeds (the runs of joint, ogm-ge and the softmax-rule modes are
 #          reused from benchmarks/results/compare/watch.json after reproducing one run of each, see

@@ -1,4 +1,4 @@
-// Philox4x32-10 and Triton's word-to-uniform map, shared by the CPU and CUDA kernels (SPEC §4).
+// Philox4x32-10 and Triton's word-to-uniform map, shared by the CPU and CUDA kernels (docs/algorithm.md §4).
 // Plain C++: no torch headers, so .cu files can include it and compile with nvcc alone.
 #pragma once
 

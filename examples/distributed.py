@@ -5,7 +5,7 @@ Runs on CPU with the gloo backend, so it works on any machine:
     python examples/distributed.py --parallel ddp --amp fp16     # DDP + autocast fp16 + GradScaler
     python examples/distributed.py --parallel fsdp --amp bf16    # fully_shard + autocast bf16
 
-Each of ``--world`` processes trains on its share of every batch of the SPEC §8 benchmark
+Each of ``--world`` processes trains on its share of every batch of the docs/algorithm.md §8 benchmark
 (``synthetic:xor``). ``ModalSignificance`` all-reduces its statistics, so every rank sets the same
 rates; the masks are a pure function of (seed, step, tensor index), so every rank draws the same
 ones (FSDP: each rank its part of the unsharded mask). At the end rank 0 prints every rank's test
@@ -22,8 +22,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from masked_optim import MaskedMultiModalSGD, ModalSignificance, build_model, modality_param_groups
-from masked_optim.data import load_dataset
+from masked_optim import MaskedMultiModalSGD, ModalSignificance, modality_param_groups
+from masked_optim.experiments import build_model
+from masked_optim.experiments.data import load_dataset
 
 
 def worker(rank: int, args: argparse.Namespace, port: int) -> None:

@@ -1,14 +1,21 @@
-"""masked_optim: balanced multimodal learning by masked, importance-sampled SGD (AMSS / AMSS+)."""
+"""masked_optim: balanced multimodal learning by masked, importance-sampled SGD (AMSS / AMSS+).
+
+The library needs torch alone: the optimizer, the modal-significance estimator, the functional
+reference, the RNG, the fusion helpers and the backends. The experiment harness (datasets, models,
+training loop, CLI, baselines) lives in :mod:`masked_optim.experiments`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
 
 from .backends import BackendUnavailable
 from .functional import masked_gradient, masked_sgd
 from .fusion import ConcatFusion, FusionOutput, modality_param_groups, slice_logits
-from .models import MultimodalNet, build_model
-from .modulation import OGMGE, ModulationStats
+from .modes import Mode
 from .optim import MaskedMultiModalSGD, ModalityStats, StepStats
-from .relearn import DiagnoseRelearn, Diagnosis
 from .significance import ModalSignificance, SignificanceStats
-from .training import TrainConfig, train
 
 __version__ = "0.1.0"
 
@@ -24,14 +31,31 @@ __all__ = [
     "slice_logits",
     "masked_sgd",
     "masked_gradient",
+    "Mode",
     "BackendUnavailable",
-    "OGMGE",
-    "DiagnoseRelearn",
-    "Diagnosis",
-    "ModulationStats",
-    "MultimodalNet",
-    "build_model",
-    "TrainConfig",
-    "train",
     "__version__",
 ]
+
+# Names that lived here before the harness moved to masked_optim.experiments: still importable
+# (lazily, so that `import masked_optim` never reaches numpy), with a warning naming the new path.
+_MOVED = {
+    "OGMGE": "masked_optim.experiments",
+    "ModulationStats": "masked_optim.experiments",
+    "DiagnoseRelearn": "masked_optim.experiments",
+    "Diagnosis": "masked_optim.experiments",
+    "MultimodalNet": "masked_optim.experiments",
+    "build_model": "masked_optim.experiments",
+    "TrainConfig": "masked_optim.experiments",
+    "train": "masked_optim.experiments",
+}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        warnings.warn(
+            f"masked_optim.{name} moved to {_MOVED[name]}.{name}; import it from there",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'masked_optim' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The readable single-tensor reference of the masked SGD step (SPEC §2).
+"""The readable single-tensor reference of the masked SGD step (docs/algorithm.md §2).
 
 This module is the oracle: every other implementation (foreach, fused C++/CUDA/Triton kernels)
 must reproduce it. It is written for clarity, one tensor at a time, in plain PyTorch ops, and it
@@ -11,11 +11,11 @@ For each tensor, the update is
    ``alpha = c (1 - gamma) / sum(s)`` and ``beta = c gamma / N`` come from water-filling
    (``alpha = 0, beta = c / N`` when ``sum(s) = 0``; ``alpha = 0, beta = rate`` for
    ``mask="uniform"``); with ``rate = 1`` every unit is kept and nothing is rescaled;
-3. mask ``M_j = u_j < q_j`` with ``u_j`` the Philox uniform of unit ``j`` (SPEC §4);
+3. mask ``M_j = u_j < q_j`` with ``u_j`` the Philox uniform of unit ``j`` (docs/algorithm.md §4);
 4. masked gradient ``M g`` (``amss``, ``uniform``) or ``M g / q`` (``amss+``, unbiased uniform);
 5. ``torch.optim.SGD``'s update, op for op, on the masked gradient.
 
-``mask="scale"`` (SPEC §2.5) skips steps 1-4: no scores, no sampling, no random numbers. The
+``mask="scale"`` (docs/algorithm.md §2.5) skips steps 1-4: no scores, no sampling, no random numbers. The
 gradient is multiplied by the rate, ``g~ = rate * g`` (one rounded product in the compute dtype,
 as ``torch.mul(g, rate)``), i.e. a per-modality step size on the gradient only (weight decay and
 momentum are applied after, as for every mode). Granularity, ``sampler`` and ``unbiased`` do not
@@ -103,7 +103,7 @@ def inclusion_scalars(
     max_iter: int = WATERFILL_MAX_ITER,
     shard: Optional[ShardSpec] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Per-tensor scalars ``(alpha, beta)`` with ``q_j = min(1, alpha * s_j + beta)`` (SPEC §2.3).
+    """Per-tensor scalars ``(alpha, beta)`` with ``q_j = min(1, alpha * s_j + beta)`` (docs/algorithm.md §2.3).
 
     ``q_j = min(1, c * pt_j)`` with ``pt_j = (1 - gamma) * s_j / S + gamma / N`` and the
     water-filling constant ``c`` that makes ``sum_j q_j = rate * N``: ``c = rate * N`` when
@@ -179,7 +179,7 @@ def masked_gradient(
     max_iter: int = WATERFILL_MAX_ITER,
     shard: Optional[ShardSpec] = None,
 ) -> tuple[Tensor, Union[Tensor, int]]:
-    """The masked gradient ``g~`` of SPEC §2.5 and the number of units kept.
+    """The masked gradient ``g~`` of docs/algorithm.md §2.5 and the number of units kept.
 
     ``grad`` must already be negated for ``maximize``. The result is in the compute dtype
     (float32 for half-precision gradients). ``key`` is the Philox key of this tensor at this step
@@ -225,7 +225,7 @@ def masked_gradient(
             scale = None
         elif mask == "uniform":
             scale = torch.full_like(pi, 1.0 / rate)
-        else:  # the official code's AMSS+ weights, not 1/q (SPEC §2)
+        else:  # the official code's AMSS+ weights, not 1/q (docs/algorithm.md §2)
             scale = 1.0 / (pi + 1.0 / n)
     else:
         if mask == "uniform":

@@ -1,4 +1,4 @@
-"""Counter-based random numbers: the pure-PyTorch Philox4x32-10 reference (SPEC §4).
+"""Counter-based random numbers: the pure-PyTorch Philox4x32-10 reference (docs/algorithm.md §4).
 
 Unit ``j`` of a tensor takes output word ``j % 4`` of the Philox4x32-10 block at counter
 ``j // 4`` (counter words ``(j // 4) mod 2**32, (j // 4) >> 32, 0, 0``), under a 64-bit key
@@ -100,7 +100,7 @@ def uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
 
 
 def philox_uniform(key: int, n: int, device: torch.device | str | None = None, offset: int = 0) -> torch.Tensor:
-    """The ``n`` float32 uniforms in ``[0, 1)`` of units ``offset .. offset+n-1`` under ``key`` (SPEC §4).
+    """The ``n`` float32 uniforms in ``[0, 1)`` of units ``offset .. offset+n-1`` under ``key`` (docs/algorithm.md §4).
 
     ``offset`` is the global index of the first unit, for a shard of a larger tensor: the uniforms
     are those of the same units of the whole tensor, so a sharded update draws the unsharded masks.

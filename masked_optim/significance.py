@@ -1,4 +1,4 @@
-"""``ModalSignificance``: keep rates from each modality's mutual information with the label (SPEC §3)."""
+"""``ModalSignificance``: keep rates from each modality's mutual information with the label (docs/algorithm.md §3)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ __all__ = ["ModalSignificance", "SignificanceStats", "RULES"]
 
 FALLBACK_RATE = 0.5
 RULES = ("softmax", "ratio")
-RATIO_MI_FLOOR = 1e-3  # SPEC §3: u_m = max(I_m, 1e-3) / H_m
+RATIO_MI_FLOOR = 1e-3  # docs/algorithm.md §3: u_m = max(I_m, 1e-3) / H_m
 # The ratio rule rebalances until every modality's slice explains this fraction of the label entropy
 # (README, "Which method should I use?": chosen on the rule study's runs, confirmed on held-out ones).
 DEFAULT_RELEASE_AT = {"ratio": 0.2, "softmax": math.inf}
@@ -54,7 +54,7 @@ def _check(name: str, value, ok: bool, allowed: str) -> float:
 
 
 class ModalSignificance:
-    r"""Maps per-modality uni-modal predictions to keep rates (AMSS, Yang et al., SPEC §3).
+    r"""Maps per-modality uni-modal predictions to keep rates (AMSS, Yang et al., docs/algorithm.md §3).
 
     For a batch with labels :math:`y` and uni-modal logits :math:`o_m`,
     :math:`H_Y = -\sum_c p_c \log p_c` and :math:`I_m = H_Y - \mathrm{CE}(o_m, y)`, where
@@ -73,7 +73,7 @@ class ModalSignificance:
       :math:`\rho_{max} = 1`) and only the dominant ones are slowed. ``temperature``, ``offset``
       and ``bias`` do not enter. If anything is not finite, every rate is 1 (no rebalancing).
 
-    Release (this library's addition to SPEC §3, on by default for ``ratio``): rebalancing is
+    Release (this library's addition to docs/algorithm.md §3, on by default for ``ratio``): rebalancing is
     meant to get a starved modality off the ground, and slowing a dominant modality after the weak
     one has learned what it can only under-trains the dominant one. So the estimator also keeps an
     EMA (factor ``release_beta``, starting at the first batch) of each modality's normalised
@@ -81,7 +81,7 @@ class ModalSignificance:
     slice explains. Once every modality's EMA has reached ``release_at``, the estimator is
     *released*: from then on every call returns ``max_rate`` for every modality (1 with the ratio
     rule's defaults: plain SGD), until :meth:`reset`. ``release_at=math.inf`` never releases:
-    the rules exactly as SPEC §3 states them.
+    the rules exactly as docs/algorithm.md §3 states them.
 
     A fallback batch, or one with a single class (:math:`H_Y = 0`), updates neither EMA.
 
@@ -102,7 +102,7 @@ class ModalSignificance:
         release_beta: EMA factor in [0, 1) for :math:`I_m / H_Y` (default 0.9: about ten batches).
         sync_distributed: under an initialised ``torch.distributed`` with more than one rank
             (default True), the label histogram and the sums of cross-entropies and feature
-            entropies are all-reduced (one call, SPEC §3) before the rates are computed, so every
+            entropies are all-reduced (one call, docs/algorithm.md §3) before the rates are computed, so every
             rank gets the rates of the global batch. Every rank must then call the estimator at
             the same steps, with the modalities in the same order and the same number of classes.
         process_group: the group to reduce over (default: the whole world).

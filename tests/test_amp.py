@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from masked_optim import MaskedMultiModalSGD, ModalSignificance, build_model, modality_param_groups
+from masked_optim import MaskedMultiModalSGD, ModalSignificance, modality_param_groups
+from masked_optim.experiments import build_model
 
 
 def _batches(n):

@@ -1,4 +1,4 @@
-"""Every fused backend that can run here against the pure-PyTorch reference (SPEC §2, §4).
+"""Every fused backend that can run here against the pure-PyTorch reference (docs/algorithm.md §2, §4).
 
 Kernel-level parity: each step the kernel is fed the reference's per-tensor scalars
 ``[alpha, beta]`` (and, per channel, the reference's unit scores), so masks must be bit-identical;

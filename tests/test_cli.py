@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from masked_optim.cli import environment, main
-from masked_optim.data import modality_competition
-from masked_optim.demo import run_demo
+from masked_optim.experiments.cli import environment, main
+from masked_optim.experiments.data import modality_competition
+from masked_optim.experiments.demo import run_demo
 
 
 def test_env_reports_versions_and_extension(capsys):

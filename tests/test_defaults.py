@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from masked_optim import MaskedMultiModalSGD, ModalSignificance
-from masked_optim.cli import DEFAULT_METHODS, _config_from, build_parser
-from masked_optim.training import TrainConfig
+from masked_optim.experiments.cli import DEFAULT_METHODS, _config_from, build_parser
+from masked_optim.experiments.training import TrainConfig
 from tolerances import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_readme_release_numbers_are_those_of_the_stored_study():
     study's JSONs (benchmarks/results/release_study/): a rerun that changes them must change the README."""
     import json
 
-    from masked_optim.compare import summarise
+    from masked_optim.experiments.compare import summarise
 
     section = _section("Which method should I use?")
     study = ROOT / "benchmarks" / "results" / "release_study"

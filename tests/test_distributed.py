@@ -1,9 +1,9 @@
 """DistributedDataParallel on CPU (gloo, 2 spawned processes): identical masks and rates on every rank.
 
 Each rank trains on its half of every batch; DDP averages the gradients and ``ModalSignificance``
-all-reduces its statistics (SPEC §3), so every rank must hold bit-identical parameters and see
+all-reduces its statistics (docs/algorithm.md §3), so every rank must hold bit-identical parameters and see
 identical rates at every step, with no communication in the optimizer step (masks are a pure
-function of (seed, step, tensor index), SPEC §4). The run is also compared with one process
+function of (seed, step, tensor index), docs/algorithm.md §4). The run is also compared with one process
 training on the concatenated batches: gradients then differ by float rounding of the reduction
 order, so parameters agree within the float32 row of the tolerance table except where a unit whose
 uniform lies within rounding of its ``q`` flipped; those are counted and bounded.
@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from masked_optim import MaskedMultiModalSGD, ModalSignificance, build_model, modality_param_groups
+from masked_optim import MaskedMultiModalSGD, ModalSignificance, modality_param_groups
+from masked_optim.experiments import build_model
 
 STEPS, BATCH, WORLD = 20, 64, 2
 

@@ -2,8 +2,8 @@
 unsharded run's masks.
 
 The parameters are DTensors sharded along dim 0, unevenly (7 rows -> 4 + 3, 5 -> 3 + 2). The
-optimizer draws each local unit's uniform at its global index (SPEC §4) and all-reduces the
-per-tensor sums and maxima of the water-filling (SPEC §2.3) over the shards, so the gathered
+optimizer draws each local unit's uniform at its global index (docs/algorithm.md §4) and all-reduces the
+per-tensor sums and maxima of the water-filling (docs/algorithm.md §2.3) over the shards, so the gathered
 parameters must equal one process training the unsharded model on the concatenated batches within
 the float32 row of the tolerance table, except where a unit whose uniform lies within rounding of
 its ``q`` flipped (sums are taken in another order); those are counted and bounded. The kept counts
@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from masked_optim import MaskedMultiModalSGD, ModalSignificance, build_model, modality_param_groups
+from masked_optim import MaskedMultiModalSGD, ModalSignificance, modality_param_groups
+from masked_optim.experiments import build_model
 
 STEPS, BATCH, WORLD = 12, 64, 2
 CONFIGS = [("amss", "element", 0.9), ("amss+", "channel", 0.0), ("uniform", "element", 0.9)]

@@ -1,4 +1,4 @@
-"""The masked gradient of SPEC §2 (functional reference): water-filling, sampling statistics, bias.
+"""The masked gradient of docs/algorithm.md §2 (functional reference): water-filling, sampling statistics, bias.
 
 Statistical tests use fixed keys and a 5-sigma bound from the central limit theorem: a correct
 implementation fails one with probability below 1e-6 per comparison.

@@ -1,4 +1,4 @@
-"""Metrics of the SPEC §7 protocol against hand-computed values."""
+"""Metrics of the docs/algorithm.md §7 protocol against hand-computed values."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from masked_optim.metrics import accuracy, linear_probe_accuracy, macro_f1, mean_std, paired_difference
+from masked_optim.experiments.metrics import accuracy, linear_probe_accuracy, macro_f1, mean_std, paired_difference
 
 # ------------------------------------------------------------------------------------- accuracy
 

@@ -1,4 +1,4 @@
-"""OGMGE (SPEC §6) against hand-computed coefficients, exact gradient scaling and noise statistics."""
+"""OGMGE (docs/algorithm.md §6) against hand-computed coefficients, exact gradient scaling and noise statistics."""
 
 import io
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from masked_optim.modulation import ModulationStats, OGMGE
+from masked_optim.experiments.modulation import ModulationStats, OGMGE
 
 NEG = -1e4  # exp(NEG - 0) underflows to exactly 0 in float64: those classes get probability 0
 

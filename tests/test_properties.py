@@ -626,7 +626,7 @@ def check_plain_masked_step(opt, params, grads, before, cfg, rate, dtype, *, mod
             expected = dense
         elif mask == "uniform":
             expected = p0.add(gs * (1.0 / torch.full((), rate, dtype=dtype)), alpha=-lr)
-        else:  # amss+: lr g / q, with q = min(1, alpha s + beta) from SPEC §2.3's water-filling
+        else:  # amss+: lr g / q, with q = min(1, alpha s + beta) from docs/algorithm.md §2.3's water-filling
             scores = unit_scores(seen, gran)
             alpha, beta = inclusion_scalars(scores, rate, cfg["smoothing"])
             inv_q = 1.0 / (scores * alpha + beta).clamp_max(1.0)
@@ -775,7 +775,7 @@ def test_memory_layout_does_not_change_the_step(backend, mask, granularity, smoo
 )
 def test_uniform_mask_depends_only_on_seed_step_and_index(dtype, cfg, n, seed, data):
     """mask="uniform": q = rate for every unit, so the kept set is the same for any (nonzero) gradient
-    values and on every backend (SPEC §4: bit-identical uniforms)."""
+    values and on every backend (docs/algorithm.md §4: bit-identical uniforms)."""
     cfg = {**cfg, "mask": "uniform", "unbiased": cfg["unbiased"] or None}
     rate = data.draw(st.floats(0.05, 0.95), label="rate")
     shape = (n, data.draw(st.integers(1, 3), label="width"))

@@ -1,4 +1,4 @@
-"""DiagnoseRelearn against SPEC §5: purity, alpha, the exact interpolation, what it touches, the schedule."""
+"""DiagnoseRelearn against docs/algorithm.md §5: purity, alpha, the exact interpolation, what it touches, the schedule."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from masked_optim import MaskedMultiModalSGD, modality_param_groups
-from masked_optim import DiagnoseRelearn
+from masked_optim.experiments import DiagnoseRelearn
 
 
 def encoders():

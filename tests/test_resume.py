@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from masked_optim.backends import backend_status
-from masked_optim.data import modality_competition
-from masked_optim.training import (
+from masked_optim.experiments.data import modality_competition
+from masked_optim.experiments.training import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     METHODS,

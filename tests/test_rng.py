@@ -1,4 +1,4 @@
-"""Philox4x32-10 reference (SPEC §4): known answers, Triton bit-parity, C++ bit-parity, keys."""
+"""Philox4x32-10 reference (docs/algorithm.md §4): known answers, Triton bit-parity, C++ bit-parity, keys."""
 
 import math
 import os

@@ -1,4 +1,4 @@
-"""mask="scale" in the pure-PyTorch reference (SPEC §2.5): g~ = rho_m * g, no sampling, no RNG.
+"""mask="scale" in the pure-PyTorch reference (docs/algorithm.md §2.5): g~ = rho_m * g, no sampling, no RNG.
 
 The reference's scale step must be torch.optim.SGD run on gradients pre-multiplied by rho, bit for
 bit in float32 and float64, whatever the momentum / dampening / nesterov / weight decay / maximize

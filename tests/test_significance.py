@@ -1,4 +1,4 @@
-"""ModalSignificance against SPEC §3 worked by hand: the paper's softmax rule (spelled out, as the
+"""ModalSignificance against docs/algorithm.md §3 worked by hand: the paper's softmax rule (spelled out, as the
 default is the ratio rule) and the ratio rule."""
 
 import math
@@ -190,7 +190,7 @@ def _logits_with_accuracy(p_right, labels):
 def test_ratio_rule_two_modalities_by_hand():
     labels = torch.tensor([0, 1, 0, 1])  # H_Y = ln 2
     logits = {"a": _logits_with_accuracy(0.9, labels), "b": _logits_with_accuracy(0.6, labels)}
-    est = ModalSignificance(rule="ratio", release_at=math.inf)  # SPEC §3 exactly (no release)
+    est = ModalSignificance(rule="ratio", release_at=math.inf)  # docs/algorithm.md §3 exactly (no release)
     rates = est(logits, labels)
     i_a, i_b = LN2 + math.log(0.9), LN2 + math.log(0.6)  # 0.5878, 0.1823
     assert rates == pytest.approx({"a": i_b / i_a, "b": 1.0}, abs=1e-12)  # the weakest keeps the full step

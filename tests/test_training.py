@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from masked_optim.cli import main
-from masked_optim.compare import (
+from masked_optim.experiments.cli import main
+from masked_optim.experiments.compare import (
     SCHEMA,
     format_table,
     merge_comparisons,
@@ -18,10 +18,10 @@ from masked_optim.compare import (
     summarise,
     validate_result,
 )
-from masked_optim.data import modality_competition
-from masked_optim.models import Conv1dEncoder, MLPEncoder, build_model
-from masked_optim.relearn import DiagnoseRelearn
-from masked_optim.training import METHODS, TrainConfig, method_rule, method_spec, parse_method, train
+from masked_optim.experiments.data import modality_competition
+from masked_optim.experiments.models import Conv1dEncoder, MLPEncoder, build_model
+from masked_optim.experiments.relearn import DiagnoseRelearn
+from masked_optim.experiments.training import METHODS, TrainConfig, method_rule, method_spec, parse_method, train
 
 RUNNABLE = list(METHODS) + ["relearn+amss", "relearn+uniform:channel"]
 
@@ -130,7 +130,7 @@ def test_parse_method_errors(spec, pattern):
 
 
 def test_method_rule_picks_the_estimators_rule(tiny):
-    from masked_optim.training import _build, method_rule
+    from masked_optim.experiments.training import _build, method_rule
 
     assert parse_method("relearn+amss:channel@ratio") == ("relearn+amss", "channel")
     assert [method_rule(m) for m in ("amss", "amss@ratio", "scale@softmax")] == [None, "ratio", "softmax"]

@@ -1,6 +1,6 @@
 // Fused masked SGD step for CPU tensors: the op masked_optim::masked_sgd_ (schema in ops.cpp).
 //
-// Two passes over one tensor (SPEC §2; mode 5, scale, skips stage 1 and samples nothing):
+// Two passes over one tensor (docs/algorithm.md §2; mode 5, scale, skips stage 1 and samples nothing):
 //   1. a reduction over the gradient: sum and max of the unit scores s_j = g_j^2 (per element or
 //      per slice), and the water-filling constant when some unit saturates (rare: extra passes);
 //   2. one fused pass that draws the Philox uniforms of a chunk, forms q = min(1, alpha s + beta),
@@ -576,7 +576,7 @@ Stage1<acc_t> stage1(const at::Tensor& grad, const c10::optional<at::Tensor>& sc
       const acc_t one_minus_gamma = static_cast<acc_t>(1.0 - smoothing);
       const acc_t max_pt = (static_cast<acc_t>(max_d) / total) * one_minus_gamma + uniform_share;
       if (!(max_pt * budget <= acc_t(1))) {
-        // Water-filling (SPEC §2.3), at most max_iter rounds.
+        // Water-filling (docs/algorithm.md §2.3), at most max_iter rounds.
         int64_t last_saturated = -1;
         // The stored candidates serve every round with c <= c_cand if the threshold used was no
         // higher than the one the true sum gives (with a margin for rounding).

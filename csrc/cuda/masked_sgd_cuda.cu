@@ -1,4 +1,4 @@
-// CUDA kernels of masked_optim::masked_sgd_, the masked SGD step of one tensor (SPEC §2, §4; the
+// CUDA kernels of masked_optim::masked_sgd_, the masked SGD step of one tensor (docs/algorithm.md §2, §4; the
 // exact math is the kernel contract shared with the CPU and Triton backends).
 //
 //   stage 1 (modes amss / amss+ only, when the caller gives no [alpha, beta]):
@@ -271,7 +271,7 @@ __global__ void __launch_bounds__(kReduceThreads)
   }
 }
 
-// One block of kReduceThreads: S, max, shortcut test (SPEC §2.3) and the initial state.
+// One block of kReduceThreads: S, max, shortcut test (docs/algorithm.md §2.3) and the initial state.
 template <typename acc_t>
 __global__ void __launch_bounds__(kReduceThreads)
     score_stats_finalize_kernel(Workspace<acc_t> ws, int nparts, int64_t n, double rate, double smoothing) {

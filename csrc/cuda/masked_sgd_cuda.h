@@ -1,4 +1,4 @@
-// CUDA kernels of masked_optim::masked_sgd_ (the masked SGD step of one tensor, SPEC §2 and §4).
+// CUDA kernels of masked_optim::masked_sgd_ (the masked SGD step of one tensor, docs/algorithm.md §2 and §4).
 // Plain C++ launchers on raw device pointers: no torch headers, so the .cu compiles with nvcc alone.
 // The torch binding (masked_sgd_cuda_binding.cpp) validates the tensors, allocates outputs and
 // workspaces and calls these on the current stream. No launcher synchronises with the host.

@@ -1,6 +1,6 @@
 """Backend selection, in one place.
 
-Implementations of the masked step, all computing SPEC §2 with the Philox stream of SPEC §4:
+Implementations of the masked step, all computing docs/algorithm.md §2 with the Philox stream of docs/algorithm.md §4:
 
 * ``"reference"``: the pure-PyTorch single-tensor step of :mod:`masked_optim.functional`; every
   device, every option (the only one with ``sampler="multinomial"``).

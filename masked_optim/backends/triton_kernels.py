@@ -1,4 +1,4 @@
-"""Triton backend of the fused masked SGD step of ONE tensor (kernel contract, SPEC §2 and §4).
+"""Triton backend of the fused masked SGD step of ONE tensor (kernel contract, docs/algorithm.md §2 and §4).
 
 Two passes over the tensor:
 

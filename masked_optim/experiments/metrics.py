@@ -1,4 +1,4 @@
-r"""Evaluation metrics for the SPEC §7 protocol: accuracy, macro-F1, linear probes, seed statistics.
+r"""Evaluation metrics for the docs/algorithm.md §7 protocol: accuracy, macro-F1, linear probes, seed statistics.
 
 * :func:`accuracy` and :func:`macro_f1` of predictions (or logits) against labels;
 * :func:`linear_probe_accuracy`: a multinomial logistic-regression probe fitted on frozen

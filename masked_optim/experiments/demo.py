@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from .data import modality_competition
-from .fusion import ConcatFusion, modality_param_groups
+from ..fusion import ConcatFusion, modality_param_groups
 from .models import MLPEncoder
-from .optim import MaskedMultiModalSGD
-from .significance import ModalSignificance
+from ..optim import MaskedMultiModalSGD
+from ..significance import ModalSignificance
 
 __all__ = ["run_demo"]
 

@@ -1,4 +1,4 @@
-r"""Cluster purity of learned features for Diagnosing & Re-learning (SPEC §5).
+r"""Cluster purity of learned features for Diagnosing & Re-learning (docs/algorithm.md §5).
 
 The diagnosis scales every feature dimension to :math:`[-1, 1]`, runs k-means with
 :math:`k` = the number of classes and scores the clustering by its purity:
@@ -314,7 +314,7 @@ def purity(cluster_labels: Tensor, labels: Tensor, num_clusters: Optional[int] =
 
 
 def cluster_purity(features: Tensor, labels: Tensor, k: int, *, n_init: int = 10, seed: int = 0) -> float:
-    """SPEC §5 diagnosis: :func:`scale_to_unit`, then :func:`kmeans` with ``k`` clusters, then :func:`purity`."""
+    """docs/algorithm.md §5 diagnosis: :func:`scale_to_unit`, then :func:`kmeans` with ``k`` clusters, then :func:`purity`."""
     features = _check_features("features", features)
     _check_labels("labels", labels, features.shape[0])
     result = kmeans(scale_to_unit(features), k, n_init=n_init, seed=seed)

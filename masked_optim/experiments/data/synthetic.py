@@ -1,4 +1,4 @@
-"""The synthetic modality-competition benchmark of SPEC §8.
+"""The synthetic modality-competition benchmark of docs/algorithm.md §8.
 
 Modality ``"a"`` is fast to fit but only partly informative (noisy class means); modality ``"b"``
 is fully informative but slow to fit (each label bit is the parity of the signs of a group of
@@ -58,10 +58,10 @@ def modality_competition(
     label_noise: float = 0.3,
     seed: int = 0,
 ) -> MultimodalSplits:
-    """Draw the SPEC §8 data set (``setting`` ``"xor"`` or ``"parity3"``), split 60/20/20 in order.
+    """Draw the docs/algorithm.md §8 data set (``setting`` ``"xor"`` or ``"parity3"``), split 60/20/20 in order.
 
     ``label_noise`` is the probability that modality ``a`` shows a uniformly random label's mean
-    instead of the true one (0.3 in SPEC §8): the knob for how informative the fast modality is.
+    instead of the true one (0.3 in docs/algorithm.md §8): the knob for how informative the fast modality is.
     """
     if setting not in SETTINGS:
         raise ValueError(f"Invalid setting: {setting!r}; allowed: one of {sorted(SETTINGS)}")

@@ -8,7 +8,7 @@ spec                       data                                                 
 ``mfeat:<v1>+<v2>[+...]``  UCI Multiple Features, views ``MFEAT_VIEWS`` (``mfeat``)    1
 ``mfeat:all``              all six views
 ``watch``                  smart-watch exercises, acc + gyro windows (``watch``)       5
-``synthetic:xor``          SPEC §8 modality competition (``modality_competition``)     1
+``synthetic:xor``          docs/algorithm.md §8 modality competition (``modality_competition``)     1
 ``synthetic:parity3``
 =========================  ==========================================================  =====
 

@@ -1,4 +1,4 @@
-"""One training loop for every method, with the metrics of SPEC §7.
+"""One training loop for every method, with the metrics of docs/algorithm.md §7.
 
 Methods (``TrainConfig.method``; a masked method takes ``":channel"`` for channel granularity,
 e.g. ``"amss:channel"``, and ``"@softmax"`` or ``"@ratio"`` for the estimator's rate rule,
@@ -6,14 +6,14 @@ e.g. ``"amss:channel@ratio"``; without it the rule is ``TrainConfig.rule``):
 
 ========== =========================================================================================
 joint      plain SGD (``MaskedMultiModalSGD`` with ``mask="none"``: bit-identical to torch.optim.SGD)
-ogm-ge     plain SGD with OGM-GE gradient modulation (SPEC §6); ``ogm`` is the same without noise
+ogm-ge     plain SGD with OGM-GE gradient modulation (docs/algorithm.md §6); ``ogm`` is the same without noise
 uniform    each modality's units kept uniformly at rate ``rho_m`` (biased)
 amss       importance-sampled masks, kept gradients unscaled (the paper's AMSS, biased)
 amss+      importance-sampled masks, kept gradients divided by ``q`` (exactly unbiased)
 scale      no mask: each modality's gradient multiplied by ``rho_m`` (a per-modality step size)
 amss+ref   the official code's sampler and weights: ``ceil(rho_m N)`` units drawn without
            replacement, scaled by ``1 / (pi_j + 1/N)`` (python reference path)
-relearn    plain SGD with Diagnosing & Re-learning (SPEC §5) every ``relearn_every`` epochs;
+relearn    plain SGD with Diagnosing & Re-learning (docs/algorithm.md §5) every ``relearn_every`` epochs;
            ``relearn+<masked mode>`` (e.g. ``relearn+amss:channel``) combines it with a mask
 ========== =========================================================================================
 
@@ -44,13 +44,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .data import MultimodalSplits, load_dataset
-from .fusion import modality_param_groups
+from ..fusion import modality_param_groups
 from .metrics import accuracy, linear_probe_accuracy, macro_f1
 from .models import MultimodalNet, build_model, predict
 from .modulation import OGMGE
-from .optim import MaskedMultiModalSGD
+from ..optim import MaskedMultiModalSGD
 from .relearn import DiagnoseRelearn
-from .significance import ModalSignificance
+from ..significance import ModalSignificance
 
 __all__ = [
     "TrainConfig", "METHODS", "DATASET_DEFAULTS", "parse_method", "method_spec", "method_rule", "RULES", "train", "resume_training",
@@ -82,7 +82,7 @@ METHODS: dict[str, _Method] = {
 RELEARN_PREFIX = "relearn+"
 RULES = ("softmax", "ratio")  # ModalSignificance's rate rules, selectable per method with "@rule"
 
-# Per dataset family: epochs, learning rate and batch size. Synthetic: SPEC §8. mfeat and watch:
+# Per dataset family: epochs, learning rate and batch size. Synthetic: docs/algorithm.md §8. mfeat and watch:
 # the learning rate is the one joint training does best with on the validation split (README,
 # "Results"), reused for every method.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -141,10 +141,10 @@ class TrainConfig:
     Estimator options (``temperature``, ``offset``, ``bias``, ``min_rate``, ``max_rate``, ``beta``,
     ``rule``, ``power``, ``release_at``, ``release_beta``) are :class:`~masked_optim.ModalSignificance`'s
     (``max_rate=None`` and ``release_at=None``: the rule's default; a method name's ``@rule`` overrides ``rule``); ``estimator_features`` passes the encoder
-    features so the rate uses the feature entropy (SPEC §3). ``ogm_*`` are OGM-GE's ``alpha``,
-    ``start``, ``end`` (epochs). ``relearn_*`` are :class:`~masked_optim.DiagnoseRelearn`'s
+    features so the rate uses the feature entropy (docs/algorithm.md §3). ``ogm_*`` are OGM-GE's ``alpha``,
+    ``start``, ``end`` (epochs). ``relearn_*`` are :class:`~masked_optim.experiments.DiagnoseRelearn`'s
     ``lam``, ``every``, ``times``, ``reset_buffers`` and ``reset_optimizer_state``. ``data_seed`` draws the synthetic data; real datasets have fixed
-    splits (SPEC §7).
+    splits (docs/algorithm.md §7).
     """
 
     dataset: str = "mfeat:fac+zer"
@@ -332,7 +332,7 @@ def load_checkpoint(path: PathLike) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"Invalid checkpoint {path!r}: not a masked_optim training checkpoint "
-            f"(no format marker {CHECKPOINT_FORMAT!r}; written by masked_optim.train(checkpoint=...))"
+            f"(no format marker {CHECKPOINT_FORMAT!r}; written by masked_optim.experiments.train(checkpoint=...))"
         )
     version = state.get("version")
     if version != CHECKPOINT_VERSION:
@@ -452,7 +452,7 @@ def train(
     checkpoint_every: int = 1,
     resume: Optional[PathLike] = None,
 ) -> dict[str, Any]:
-    """Train one method on one dataset split and evaluate it (SPEC §7). Returns a JSON-ready dict.
+    """Train one method on one dataset split and evaluate it (docs/algorithm.md §7). Returns a JSON-ready dict.
 
     Args:
         config: the run (see :class:`TrainConfig`).

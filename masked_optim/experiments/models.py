@@ -13,7 +13,7 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from .fusion import ConcatFusion, FusionOutput
+from ..fusion import ConcatFusion, FusionOutput
 
 __all__ = ["MLPEncoder", "Conv1dEncoder", "MultimodalNet", "ModelOutput", "build_model"]
 
@@ -25,7 +25,7 @@ def _positive_int(name: str, value) -> int:
 
 
 class MLPEncoder(nn.Sequential):
-    """``d_in -> hidden -> ... -> feature_dim`` with ReLU after every layer (SPEC §8's encoder)."""
+    """``d_in -> hidden -> ... -> feature_dim`` with ReLU after every layer (docs/algorithm.md §8's encoder)."""
 
     def __init__(self, d_in: int, hidden: Sequence[int] = (128,), feature_dim: int = 64) -> None:
         widths = [_positive_int("d_in", d_in), *(_positive_int("hidden", h) for h in hidden), _positive_int("feature_dim", feature_dim)]

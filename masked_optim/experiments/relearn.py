@@ -1,4 +1,4 @@
-r"""Diagnosing & Re-learning (Wei et al., ECCV 2024; SPEC §5).
+r"""Diagnosing & Re-learning (Wei et al., ECCV 2024; docs/algorithm.md §5).
 
 Every ``every`` epochs (at most ``times`` times), each uni-modal encoder's learning state is
 diagnosed from how well its features cluster by class on the training split versus a held-out
@@ -236,7 +236,7 @@ class DiagnoseRelearn:
                 self._reset_optimizer(enc)
 
     def _reset_optimizer(self, enc: nn.Module) -> None:
-        from .optim import MaskedMultiModalSGD
+        from ..optim import MaskedMultiModalSGD
 
         keep_step = isinstance(self.optimizer, (MaskedMultiModalSGD, torch.optim.SGD))
         for p in enc.parameters():

@@ -1,4 +1,4 @@
-r"""``OGMGE``: on-the-fly gradient modulation with generalisation enhancement (SPEC §6, baseline).
+r"""``OGMGE``: on-the-fly gradient modulation with generalisation enhancement (docs/algorithm.md §6, baseline).
 
 OGM-GE (Peng et al., "Balanced Multimodal Learning via On-the-fly Gradient Modulation", CVPR 2022;
 official code GeWu-Lab/OGM-GE_CVPR2022) slows down the encoder of the modality that currently
@@ -84,7 +84,7 @@ def _params_of(obj, what: str) -> list[Tensor]:
 
 
 class OGMGE:
-    r"""OGM / OGM-GE gradient modulation of the dominant modality's encoder (SPEC §6).
+    r"""OGM / OGM-GE gradient modulation of the dominant modality's encoder (docs/algorithm.md §6).
 
     Args:
         encoders: ``{modality: encoder}`` (an ``nn.Module``, an ``nn.ModuleDict``, or an iterable of

@@ -28,10 +28,10 @@ import time
 
 import torch
 
-from . import __version__
-from .backends import _cpp_lib, backend_status
-from .optim import MaskedMultiModalSGD
-from .rng import derive_key
+from .. import __version__
+from ..backends import _cpp_lib, backend_status
+from ..optim import MaskedMultiModalSGD
+from ..rng import derive_key
 
 
 def tensor_mix(total: int) -> list[tuple[int, ...]]:
@@ -71,7 +71,7 @@ class CompiledReference:
     """torch.compile of the reference step of one tensor (keys passed as tensors, so no recompiles)."""
 
     def __init__(self, params, mode, granularity, rate):
-        from .functional import masked_gradient
+        from ..functional import masked_gradient
 
         self.params, self.rate, self.step_count = params, rate, 0
         self.bufs = [torch.zeros_like(p) for p in params]

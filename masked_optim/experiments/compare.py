@@ -2,7 +2,7 @@
 
 Every method is run with the same seeds (same initial weights, same batches), so the table reports
 each metric's mean ± std over runs and the *paired* difference from ``joint`` ± its standard error
-over the (seed, fold) pairs (SPEC §7).
+over the (seed, fold) pairs (docs/algorithm.md §7).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .training import TrainConfig, parse_method, train
 
 __all__ = ["SCHEMA", "run_compare", "merge_comparisons", "summarise", "format_table", "save_json", "plot_curves", "validate_result"]
 
-SCHEMA = "masked_optim.compare/1"
+SCHEMA = "masked_optim.experiments.compare/1"
 BASELINE = "joint"
 
 
@@ -62,7 +62,7 @@ class _Progress:
 
 
 def _environment() -> dict[str, str]:
-    from . import __version__
+    from .. import __version__
     from .benchmark import machine
 
     return {

@@ -16,8 +16,8 @@ def environment() -> dict[str, str]:
     """Versions and which optional components are present, and why not."""
     import torch
 
-    from . import __version__
-    from .backends import _cpp_lib
+    from .. import __version__
+    from ..backends import _cpp_lib
 
     info = {
         "masked_optim": __version__,
@@ -41,7 +41,7 @@ def environment() -> dict[str, str]:
         info["triton"] = triton.__version__
     except ImportError as exc:
         info["triton"] = f"not installed ({exc})"
-    from .backends import backend_status, resolve_backend
+    from ..backends import backend_status, resolve_backend
 
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for name in ("reference", "cpp", "cuda", "triton"):
@@ -74,9 +74,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default: the dataset's")
     p.add_argument("--momentum", type=float, default=d.momentum)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--smoothing", type=float, default=d.smoothing, help="importance smoothing gamma (SPEC 2)")
+    p.add_argument("--smoothing", type=float, default=d.smoothing, help="importance smoothing gamma (docs/algorithm.md §2)")
     p.add_argument("--backend", default=d.backend, choices=["auto", "reference", "cpp", "cuda", "triton"])
-    g = p.add_argument_group("keep-rate estimator (ModalSignificance, SPEC 3)")
+    g = p.add_argument_group("keep-rate estimator (ModalSignificance, docs/algorithm.md §3)")
     g.add_argument("--temperature", type=float, default=d.temperature)
     g.add_argument("--offset", type=float, default=d.offset)
     g.add_argument("--bias", type=float, default=d.bias)
@@ -91,11 +91,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="end rebalancing once every modality's EMA of I_m / H_Y reaches this; 'inf' never "
                         "(default: 0.2 for the ratio rule, never for softmax)")
     g.add_argument("--release-beta", type=float, default=d.release_beta, help="EMA factor of the release statistic")
-    g = p.add_argument_group("OGM-GE (SPEC 6)")
+    g = p.add_argument_group("OGM-GE (docs/algorithm.md §6)")
     g.add_argument("--ogm-alpha", type=float, default=d.ogm_alpha)
     g.add_argument("--ogm-start", type=int, default=d.ogm_start, help="first modulated epoch (0-based)")
     g.add_argument("--ogm-end", type=int, default=d.ogm_end, help="first epoch no longer modulated (default: never stops)")
-    g = p.add_argument_group("Diagnosing & Re-learning (SPEC 5; methods relearn, relearn+<mask>)")
+    g = p.add_argument_group("Diagnosing & Re-learning (docs/algorithm.md §5; methods relearn, relearn+<mask>)")
     g.add_argument("--relearn-lam", type=float, default=d.relearn_lam, help="alpha = tanh(lam * |purity gap|)")
     g.add_argument("--relearn-every", type=int, default=d.relearn_every, help="diagnose after every N-th epoch")
     g.add_argument("--relearn-times", type=int, default=d.relearn_times, help="at most this many re-initialisations")
