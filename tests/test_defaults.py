@@ -2,8 +2,10 @@
 
 Issue 7's studies (benchmarks/results/rule_study/, release_study/) chose ``ModalSignificance(rule="ratio")``
 with its release at 0.2 and ``MaskedMultiModalSGD(mask="scale")``; the paper's settings (``rule="softmax"``, ``mask="amss"`` /
-``"amss+"``) stay one argument away. These tests fail if a default drifts from the README or the
-README from the code.
+``"amss+"``) stay one argument away. The README names them and quotes the default's headline numbers;
+the studies themselves (commands, tables, figures) are in docs/results.md, "Which method should I use?
+The evidence". These tests fail if a default drifts from the README, or the README or docs/results.md
+from the code or the stored JSONs.
 """
 
 import inspect
@@ -22,10 +24,16 @@ from tolerances import assert_close
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _section(title):
-    text = (ROOT / "README.md").read_text()
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", text, flags=re.S | re.M)
-    assert match, f"README has no '## {title}' section"
+README_SECTION = ("README.md", "Which method should I use?")
+EVIDENCE_SECTION = ("docs/results.md", "Which method should I use? The evidence")
+
+
+def _section(where):
+    """The text of a ``## title`` section of a markdown file, up to the next ``## `` heading (or the end)."""
+    path, title = where
+    text = (ROOT / path).read_text()
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M)
+    assert match, f"{path} has no '## {title}' section"
     return match.group(1)
 
 
@@ -62,11 +70,16 @@ def test_release_is_the_ratio_rules_default_and_reachable_from_the_cli():
 
 
 def test_readme_names_the_defaults_and_the_papers_settings():
-    section = _section("Which method should I use?")
+    section = _section(README_SECTION)
     for needle in ('mask="scale"', 'rule="ratio"', 'rule="softmax"', 'mask="amss+"', 'mask="amss"',
-                   'sampler="multinomial"', "benchmarks/run_rule_study.sh", "rule_study.png",
-                   "release_at=0.2", "release_at=math.inf", "benchmarks/run_release_study.sh", "release_study.png"):
+                   'sampler="multinomial"', "release_at=0.2", "release_at=math.inf"):
         assert needle in section, needle
+    # ... and points at the evidence, which names the studies' commands and figures.
+    assert "](docs/results.md#which-method-should-i-use-the-evidence)" in section
+    evidence = _section(EVIDENCE_SECTION)
+    for needle in ("benchmarks/run_rule_study.sh", "rule_study.png", "benchmarks/run_release_study.sh",
+                   "release_study.png", "release_at=math.inf", 'rule="softmax"'):
+        assert needle in evidence, needle
 
 
 def test_default_step_is_sgd_for_the_weakest_modality_and_a_rate_times_sgd_for_the_other():
@@ -98,14 +111,16 @@ def test_rule_names_itself_when_wrong(bad):
         ModalSignificance(rule=bad)
 
 
-def test_readme_release_numbers_are_those_of_the_stored_study():
-    """The default's paired differences in "Which method should I use?" are recomputed from the release
-    study's JSONs (benchmarks/results/release_study/): a rerun that changes them must change the README."""
+def test_release_numbers_are_those_of_the_stored_study():
+    """The default's paired differences in docs/results.md's evidence, and those the README quotes, are
+    recomputed from the release study's JSONs (benchmarks/results/release_study/): a rerun that changes
+    them must change the documentation."""
     import json
 
     from masked_optim.experiments.compare import summarise
 
-    section = _section("Which method should I use?")
+    evidence = _section(EVIDENCE_SECTION)
+    readme = _section(README_SECTION)
     study = ROOT / "benchmarks" / "results" / "release_study"
     rule = ROOT / "benchmarks" / "results" / "rule_study"
 
@@ -120,7 +135,10 @@ def test_readme_release_numbers_are_those_of_the_stored_study():
         "xor held out": runs(study / "synthetic_xor_heldout.json", {"joint", "scale@ratio"}),
         "mfeat held out": runs(study / "mfeat_fac_zer_heldout.json", {"joint", "scale@ratio"}),
     }
+    quoted_in_readme = {"synthetic_xor", "synthetic_parity3", "mfeat_fac_zer", "watch"}
     for name, rs in cases.items():
         acc = summarise({"runs": rs})["scale@ratio"]["accuracy"]
         cell = f"{100 * acc['diff_vs_joint']:+.2f} ± {100 * acc['diff_se']:.2f}".replace("-", "−")
-        assert cell in section, (name, cell)
+        assert cell in evidence, (name, cell)
+        if name in quoted_in_readme:
+            assert cell in readme, (name, cell)
