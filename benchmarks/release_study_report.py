@@ -1,4 +1,4 @@
-"""The release study's tables and figure (README, "Which method should I use?").
+"""The release study's tables and figure (docs/results.md, "The release study").
 
 Reads the JSONs of ``benchmarks/run_release_study.sh`` (first argument) and the rule study's
 (second argument: its joint and OGM-GE runs on watch, and its ratio-rule runs without release, as

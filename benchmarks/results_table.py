@@ -1,4 +1,4 @@
-"""Print the README's results tables (GitHub markdown) from compare JSONs.
+"""Print the results tables of docs/results.md (GitHub markdown) from compare JSONs.
 
     python benchmarks/results_table.py benchmarks/results/compare/*.json
 """

@@ -1,4 +1,4 @@
-"""The rule study's cross-dataset table and figure (README, "Which method should I use?").
+"""The rule study's cross-dataset table and figure (docs/results.md, "The rule study").
 
 For every method: the paired difference from ``joint`` (± s.e.) of the fused head's test accuracy
 and of the weak modality's slice accuracy, and the mean keep rates, on each dataset. Writes a
@@ -15,7 +15,7 @@ import sys
 
 from masked_optim.experiments.compare import summarise, validate_result
 
-# The modality joint training under-uses on each dataset (README, "Results").
+# The modality joint training under-uses on each dataset (docs/results.md, "Results on real and synthetic data").
 WEAK = {"synthetic:xor": "b", "synthetic:parity3": "b", "mfeat:fac+zer": "zer", "watch": "gyro"}
 
 

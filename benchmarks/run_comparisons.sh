@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every README result: each dataset x every method x 5 seeds (x 5 subject folds for watch).
+# Every result of docs/results.md ("Results on real and synthetic data"): each dataset x every method x 5 seeds (x 5 subject folds for watch).
 # Writes benchmarks/results/compare/<dataset>.{json,png,txt}. Two processes run side by side, each
 # on one thread (OMP_NUM_THREADS=1), which suits these small models on a 2-core machine: one runs
 # watch folds 0-2; the other runs mfeat and the synthetic benchmark, then watch folds 3-4; the two

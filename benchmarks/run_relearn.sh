@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Diagnosing & Re-learning, alone and with AMSS, on watch and mfeat (fac|zer, pix|mor), 5 seeds
 # (x 5 subject folds for watch), then merged into the comparisons of run_comparisons.sh (run that
-# first) so the README tables show them next to the other methods, paired with the same joint runs.
+# first) so the tables of docs/results.md show them next to the other methods, paired with the same joint runs.
 #     bash benchmarks/run_relearn.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

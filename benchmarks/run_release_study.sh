@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The release study (README, "Which method should I use?"): the ratio rule with release
+# The release study (docs/results.md, "The release study"): the ratio rule with release
 # (ModalSignificance(release_at=0.2), the default) against joint training and OGM-GE.
 #   development runs, the rule study's seeds and draws (benchmarks/run_rule_study.sh):
 #     synthetic:xor / synthetic:parity3, 2 data draws x 5 seeds; mfeat:fac+zer, 5 seeds;

@@ -29,6 +29,6 @@ python benchmarks/relabel_softmax_runs.py benchmarks/results/compare/watch.json 
 python -m masked_optim merge "$OUT/watch_old.json" "$OUT/watch_new_A.json" "$OUT/watch_new_B.json" \
     --out "$OUT/watch.json" > "$OUT/watch.txt"
 cat "$OUT"/synthetic_xor.txt "$OUT"/synthetic_parity3.txt "$OUT"/mfeat_fac_zer.txt "$OUT"/watch.txt
-# the cross-dataset table of the README's "Which method should I use?" and its figure (rule_study.png)
+# the cross-dataset table of docs/results.md ("The rule study") and its figure (rule_study.png)
 python benchmarks/rule_study_report.py "$OUT"/synthetic_xor.json "$OUT"/synthetic_parity3.json \
     "$OUT"/mfeat_fac_zer.json "$OUT"/watch.json

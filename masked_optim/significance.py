@@ -16,7 +16,7 @@ FALLBACK_RATE = 0.5
 RULES = ("softmax", "ratio")
 RATIO_MI_FLOOR = 1e-3  # docs/algorithm.md §3: u_m = max(I_m, 1e-3) / H_m
 # The ratio rule rebalances until every modality's slice explains this fraction of the label entropy
-# (README, "Which method should I use?": chosen on the rule study's runs, confirmed on held-out ones).
+# (docs/results.md, "The release study": chosen on the rule study's runs, confirmed on held-out ones).
 DEFAULT_RELEASE_AT = {"ratio": 0.2, "softmax": math.inf}
 
 
@@ -86,7 +86,7 @@ class ModalSignificance:
     A fallback batch, or one with a single class (:math:`H_Y = 0`), updates neither EMA.
 
     Args:
-        rule: ``"ratio"`` (default: the rule the README's "Which method should I use?" measured
+        rule: ``"ratio"`` (default: the rule the studies of docs/results.md measured
             best) or ``"softmax"`` (the paper's).
         power: :math:`p > 0` of the ratio rule (default 1).
         temperature: :math:`T > 0` (default 0.2).

@@ -55,7 +55,7 @@ def environment() -> dict[str, str]:
     return info
 
 
-# The rule study of the README ("Which method should I use?"): every mode under both rate rules, named
+# The rule study (docs/results.md, "The rule study: which rule and which mask"): every mode under both rate rules, named
 # explicitly so that the table does not depend on the default rule, against joint training and OGM-GE.
 DEFAULT_METHODS = (
     "joint,ogm-ge,uniform@softmax,uniform@ratio,amss@softmax,amss@ratio,amss+@softmax,amss+@ratio,scale@softmax,scale@ratio"
@@ -240,7 +240,7 @@ def _run_merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``masked-optim`` argument parser (its defaults are the library's, see README)."""
+    """The ``masked-optim`` argument parser (its defaults are the library's; docs/guide.md lists the options)."""
     parser = argparse.ArgumentParser(prog="masked-optim", description="Balanced multimodal learning with masked SGD.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train on synthetic two-modality data, printing rates and kept fractions")

@@ -83,8 +83,8 @@ RELEARN_PREFIX = "relearn+"
 RULES = ("softmax", "ratio")  # ModalSignificance's rate rules, selectable per method with "@rule"
 
 # Per dataset family: epochs, learning rate and batch size. Synthetic: docs/algorithm.md §8. mfeat and watch:
-# the learning rate is the one joint training does best with on the validation split (README,
-# "Results"), reused for every method.
+# the learning rate is the one joint training does best with on the validation split (docs/results.md,
+# "Results on real and synthetic data"), reused for every method.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "synthetic": {"epochs": 50, "lr": 0.01, "batch_size": 64},
     "mfeat": {"epochs": 80, "lr": 0.01, "batch_size": 64},
