@@ -8,7 +8,8 @@
 // Bit parity of the mask with the reference needs q rounded as torch rounds `scores * alpha + beta`:
 // a product, then a sum, never a fused multiply-add. On the device mul_rn/add_rn are the explicitly
 // rounded intrinsics; on the host they are plain operators and the build passes -ffp-contract=off
-// (setup.py). Everything is a select on loop-invariant flags, so the CPU element loop vectorises.
+// (setup.py). Everything is a select on loop-invariant flags (or a template
+// parameter where GCC would not vectorise the select), so the CPU element loop vectorises.
 #pragma once
 
 #include <cstdint>
@@ -139,10 +140,17 @@ MASKED_OPTIM_HD acc_t inclusion_probability(acc_t alpha, acc_t s, acc_t beta) {
 }
 
 // The inclusion probability of a unit of score s under h: beta itself for the uniform modes (q = rate,
-// whatever the score) and when nothing is sampled (q = 1).
+// whatever the score) and when nothing is sampled (q = 1). kFixedQ must equal h.fixed_q: a template
+// parameter for the CPU element loop, which GCC does not vectorise with a select on it at run time.
+template <bool kFixedQ, typename acc_t>
+MASKED_OPTIM_HD acc_t unit_probability(const Hyper<acc_t>& h, acc_t s) {
+  return kFixedQ ? h.beta : inclusion_probability(h.alpha, s, h.beta);
+}
+
+// The same with h.fixed_q read at run time.
 template <typename acc_t>
 MASKED_OPTIM_HD acc_t unit_probability(const Hyper<acc_t>& h, acc_t s) {
-  return h.fixed_q ? h.beta : inclusion_probability(h.alpha, s, h.beta);
+  return h.fixed_q ? unit_probability<true>(h, s) : unit_probability<false>(h, s);
 }
 
 // M = u < q, u the unit's Philox uniform (float32, converted exactly). Unsampled steps pass u = 0.
@@ -169,7 +177,8 @@ MASKED_OPTIM_HD acc_t masked_value(acc_t g, bool keep, acc_t weight) {
 // (kMomentum: whether the step has momentum, a template parameter so the CPU loop stays branch-free).
 template <bool kMomentum, typename acc_t>
 MASKED_OPTIM_HD void sgd_update(const Hyper<acc_t>& h, acc_t gm, acc_t& p, acc_t& b) {
-  acc_t d = h.has_weight_decay ? gm + h.weight_decay * p : gm;
+  const acc_t decayed = gm + h.weight_decay * p;  // computed unconditionally: a select, no branch
+  acc_t d = h.has_weight_decay ? decayed : gm;
   if (kMomentum) {
     // b.mul_(momentum) is rounded on its own, then add_(d, alpha=1 - dampening).
     b = h.first_step ? d : mul_rn(h.momentum, b) + h.one_minus_dampening * d;

@@ -152,8 +152,9 @@ inline void fill_uniforms(uint64_t key, int64_t first_block, int64_t nblocks, fl
 // Element granularity: elements [begin, end) of a chunk whose uniforms are u[0 .. end - begin).
 // Unsampled steps (dense, scale) pass u = 0 with q = 1 (h.fixed_q), so every element is kept with
 // weight grad_scale: 1 exactly, or the rate in mode scale (g~ = g * rate, one rounded product).
-// The math is csrc/masked_sgd_math.h; only the presence of a momentum buffer is a template parameter.
-template <bool kMomentum, typename scalar_t, typename acc_t>
+// The math is csrc/masked_sgd_math.h; the presence of a momentum buffer and h.fixed_q are template
+// parameters (with either one a run-time select, the loop does not vectorise: ~4x slower).
+template <bool kMomentum, bool kFixedQ, typename scalar_t, typename acc_t>
 MASKED_OPTIM_CLONES int64_t update_elements(const Hyper<acc_t> h, const scalar_t* __restrict g, scalar_t* __restrict p,
                                             scalar_t* __restrict b, int64_t begin, int64_t end,
                                             const float* __restrict u) {
@@ -164,7 +165,7 @@ MASKED_OPTIM_CLONES int64_t update_elements(const Hyper<acc_t> h, const scalar_t
   scalar_t* __restrict bc = kMomentum ? b + begin : nullptr;
   for (int64_t i = 0; i < n; ++i) {
     const acc_t gv = signed_grad(h, static_cast<acc_t>(gc[i]));
-    const acc_t q = unit_probability(h, mul_rn(gv, gv));
+    const acc_t q = unit_probability<kFixedQ>(h, mul_rn(gv, gv));
     const bool keep = keep_unit(u[i], q);
     kept += keep ? 1 : 0;
     acc_t pv = static_cast<acc_t>(pc[i]);
@@ -671,8 +672,13 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_impl(at::Tensor& param, const at::
         const int64_t begin = c * kSubChunk;
         const int64_t end = std::min(numel, begin + kSubChunk);
         if (sampled) fill_uniforms(ukey, begin / 4, (end - begin + 3) / 4, u);
-        kept += h.has_momentum ? update_elements<true, scalar_t, acc_t>(h, g, p, b, begin, end, u)
-                               : update_elements<false, scalar_t, acc_t>(h, g, p, b, begin, end, u);
+        if (h.fixed_q) {
+          kept += h.has_momentum ? update_elements<true, true, scalar_t, acc_t>(h, g, p, b, begin, end, u)
+                                 : update_elements<false, true, scalar_t, acc_t>(h, g, p, b, begin, end, u);
+        } else {
+          kept += h.has_momentum ? update_elements<true, false, scalar_t, acc_t>(h, g, p, b, begin, end, u)
+                                 : update_elements<false, false, scalar_t, acc_t>(h, g, p, b, begin, end, u);
+        }
       }
       kept_per_thread[at::get_thread_num()] += kept;
     });
@@ -792,7 +798,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tensor_scalars_cpu(const at::Tens
 }
 
 // The uniforms of units 0 .. n-1 under key, through the same code path as the fused step.
-at::Tensor& philox_uniform_cpu(at::Tensor& out, int64_t key) {
+void philox_uniform_cpu(at::Tensor& out, int64_t key) {
   TORCH_CHECK(out.scalar_type() == at::kFloat, "philox_uniform_: out must be float32, got ", out.scalar_type());
   TORCH_CHECK(out.is_contiguous(), "philox_uniform_: out must be contiguous");
   TORCH_CHECK(key >= 0, "philox_uniform_: key must be >= 0, got ", key);
@@ -807,7 +813,6 @@ at::Tensor& philox_uniform_cpu(at::Tensor& out, int64_t key) {
       std::copy(u, u + len, data + begin);
     }
   });
-  return out;
 }
 
 }  // namespace

@@ -28,15 +28,21 @@ NAMESPACE = "masked_optim"
 
 # The kernel contract of one tensor's masked SGD step (masked_optim/backends/__init__.py): updates
 # param and momentum_buffer in place, returns (kept units: int64 0-d, [alpha, beta] in the compute dtype).
+# kernel_mode is a masked_optim.modes.Mode. It is not called `mode`: torch.compile functionalises a
+# mutating op through the higher-order op auto_functionalized, whose dispatch-mode handler takes
+# (mode, *args, **kwargs) and would receive `mode` twice ("got multiple values for argument 'mode'",
+# torch 2.13; tests/test_ops.py runs that path). Callers pass it positionally, as the contract does.
 MASKED_SGD_ARGS = (
     "(Tensor(a!) param, Tensor grad, Tensor(b!) momentum_buffer, Tensor? scores, Tensor? scalars, int key, "
-    "float rate, float smoothing, int max_iter, int mode, bool channel, float lr, float momentum, "
+    "float rate, float smoothing, int max_iter, int kernel_mode, bool channel, float lr, float momentum, "
     "float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step) -> (Tensor, Tensor)"
 )
 
 # name -> schema (without the name); the compiled and Triton implementations register against these.
 OPS = {
-    "philox_uniform_": "(Tensor(a!) out, int key) -> Tensor(a!)",
+    # Fills `out` in place and returns nothing: torch.compile cannot functionalise a custom op whose
+    # output aliases an input (`-> Tensor(a!)`).
+    "philox_uniform_": "(Tensor(a!) out, int key) -> ()",
     "masked_sgd_": MASKED_SGD_ARGS,
     # Stage 1 of masked_sgd_ alone: ([alpha, beta], unit scores or empty, sum of g^2 as float64).
     "tensor_scalars": "(Tensor grad, float rate, float smoothing, int max_iter, int mode, bool channel) "
@@ -55,16 +61,16 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ------------------------------------------------------------------------------------ fake kernels
 @torch.library.register_fake(f"{NAMESPACE}::philox_uniform_", lib=LIB)
-def _philox_uniform_fake(out: torch.Tensor, key: int) -> torch.Tensor:
+def _philox_uniform_fake(out: torch.Tensor, key: int) -> None:
     torch._check(out.dtype == torch.float32, lambda: f"philox_uniform_: out must be float32, got {out.dtype}")
     torch._check(out.is_contiguous(), lambda: "philox_uniform_: out must be contiguous")
-    return out
 
 
-def _masked_sgd_fake(param, grad, momentum_buffer, scores, scalars, key, rate, smoothing, max_iter, mode, channel,
-                     lr, momentum, dampening, weight_decay, nesterov, maximize, first_step):
+def _masked_sgd_fake(param, grad, momentum_buffer, scores, scalars, key, rate, smoothing, max_iter, kernel_mode,
+                     channel, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step):
     torch._check(grad.shape == param.shape, lambda: f"masked_sgd_: grad shape {grad.shape} != param shape {param.shape}")
-    torch._check(Mode.DENSE <= mode <= Mode.SCALE, lambda: f"masked_sgd_: mode must be in 0..5, got {mode}")
+    torch._check(Mode.DENSE <= kernel_mode <= Mode.SCALE,
+                 lambda: f"masked_sgd_: kernel_mode must be in 0..5, got {kernel_mode}")
     return param.new_empty((), dtype=torch.int64), param.new_empty((2,), dtype=_acc_dtype(param.dtype))
 
 
