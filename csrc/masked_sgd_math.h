@@ -3,7 +3,8 @@
 // update of one element. Host/device functions in plain C++ (no torch headers), included by the CPU
 // kernels (csrc/cpu/masked_sgd_cpu.cpp) and the CUDA kernels (csrc/cuda/masked_sgd_cuda.cu).
 // The Python statement of the same rule is masked_optim/functional.py (inclusion_probability,
-// masked_gradient_given_scalars, sgd_update_).
+// masked_gradient_given_scalars and the SGD tail of _single_tensor_masked_sgd); the Triton one is
+// _masked_sgd_kernel in masked_optim/backends/triton_kernels.py.
 //
 // Bit parity of the mask with the reference needs q rounded as torch rounds `scores * alpha + beta`:
 // a product, then a sum, never a fused multiply-add. On the device mul_rn/add_rn are the explicitly

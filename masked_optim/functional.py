@@ -22,6 +22,10 @@ momentum are applied after, as for every mode). Granularity, ``sampler`` and ``u
 apply to it and are ignored here (the optimizer refuses ``unbiased=True``); every unit counts as
 kept. ``rate = 1`` is plain SGD, as for the other modes.
 
+The rule is stated once here for Python: :func:`inclusion_probability` (``q``),
+:func:`masked_gradient_given_scalars` (mask and unit weight; :func:`masked_gradient` uses it) and the
+SGD tail of ``_single_tensor_masked_sgd``. The C++/CUDA statement is csrc/masked_sgd_math.h.
+
 Half-precision tensors (float16, bfloat16) are processed in float32 ("opmath") and rounded back
 once per step, as the fused kernels do; float32 and float64 tensors are processed in their own
 dtype, so that with masking off the update is bit-identical to ``torch.optim.SGD``.
