@@ -6,7 +6,8 @@ multi-GB torch):
     pip install torch==2.13.0 && pip install --no-build-isolation -e .
 
 What is built:
-    * the C++ CPU kernels (csrc/cpu), always, unless MASKED_OPTIM_BUILD_EXT=0;
+    * the module entry point (csrc/module.cpp) and the C++ CPU kernels (csrc/cpu), always, unless
+      MASKED_OPTIM_BUILD_EXT=0 (the per-element math they share with CUDA: csrc/masked_sgd_math.h);
     * the CUDA kernels (csrc/cuda) as well, only when torch is a CUDA build and nvcc is found
       (torch's CUDA_HOME). nvcc is never called otherwise.
 
@@ -25,7 +26,10 @@ import sys
 
 from setuptools import setup
 
-CPU_SOURCES = ["csrc/cpu/masked_optim_cpu.cpp", "csrc/cpu/masked_sgd_cpu.cpp"]
+# The op schemas and their fake kernels live in masked_optim/backends/_ops.py (Python, device
+# neutral); csrc/module.cpp is the module entry point, the rest only implement the ops per device.
+COMMON_SOURCES = ["csrc/module.cpp"]
+CPU_SOURCES = ["csrc/cpu/masked_sgd_cpu.cpp"]
 CUDA_SOURCES = ["csrc/cuda/masked_sgd_cuda.cu", "csrc/cuda/masked_sgd_cuda_binding.cpp"]
 # -ffp-contract=off: q = alpha * s + beta must round twice, like the reference, or masks differ from
 # it by an ulp. -fopenmp: at::parallel_for uses OpenMP; at run time libgomp resolves to the copy
@@ -75,14 +79,14 @@ else:
             _log(f"building the CPU and CUDA kernels (CUDA {torch.version.cuda})")
             ext = CUDAExtension(
                 "masked_optim._C",
-                sources=CPU_SOURCES + CUDA_SOURCES,
+                sources=COMMON_SOURCES + CPU_SOURCES + CUDA_SOURCES,
                 define_macros=[("MASKED_OPTIM_WITH_CUDA", "1")],
                 extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
                 **common,
             )
         else:
             _log(f"building the CPU kernels only ({reason})")
-            ext = CppExtension("masked_optim._C", sources=CPU_SOURCES, extra_compile_args={"cxx": CXX_FLAGS}, **common)
+            ext = CppExtension("masked_optim._C", sources=COMMON_SOURCES + CPU_SOURCES, extra_compile_args={"cxx": CXX_FLAGS}, **common)
         ext_modules.append(ext)
         cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
 

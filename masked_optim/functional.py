@@ -22,6 +22,10 @@ momentum are applied after, as for every mode). Granularity, ``sampler`` and ``u
 apply to it and are ignored here (the optimizer refuses ``unbiased=True``); every unit counts as
 kept. ``rate = 1`` is plain SGD, as for the other modes.
 
+The rule is stated once here for Python: :func:`inclusion_probability` (``q``),
+:func:`masked_gradient_given_scalars` (mask and unit weight; :func:`masked_gradient` uses it) and the
+SGD tail of ``_single_tensor_masked_sgd``. The C++/CUDA statement is csrc/masked_sgd_math.h.
+
 Half-precision tensors (float16, bfloat16) are processed in float32 ("opmath") and rounded back
 once per step, as the fused kernels do; float32 and float64 tensors are processed in their own
 dtype, so that with masking off the update is bit-identical to ``torch.optim.SGD``.
@@ -44,6 +48,8 @@ __all__ = [
     "SAMPLERS",
     "masked_sgd",
     "masked_gradient",
+    "masked_gradient_given_scalars",
+    "inclusion_probability",
     "unit_scores",
     "inclusion_scalars",
     "multinomial_keep_count",
@@ -148,6 +154,16 @@ def inclusion_scalars(
     return alpha, beta
 
 
+def inclusion_probability(scores: Tensor, alpha: Union[Tensor, float], beta: Union[Tensor, float]) -> Tensor:
+    """``q_j = min(1, alpha * s_j + beta)`` (docs/algorithm.md §2.3): the product, then the sum, each
+    rounded in the compute dtype; a NaN propagates (``clamp_max``), so a NaN ``q`` keeps nothing.
+
+    The one Python statement of the rule; the C++/CUDA one is ``inclusion_probability`` in
+    csrc/masked_sgd_math.h, the Triton one is in ``_masked_sgd_kernel``.
+    """
+    return (scores * alpha + beta).clamp_max(1.0)
+
+
 def multinomial_keep_count(rate: float, n: int) -> int:
     """``ceil(rate * n)`` for the multinomial sampler, at least 1 unit when ``n > 0``.
 
@@ -206,9 +222,8 @@ def masked_gradient(
             "Invalid sampler='multinomial' for a sharded (FSDP) tensor; allowed: 'poisson' (the "
             "multinomial sampler needs a global top-k over the whole tensor)"
         )
-    u = philox_uniform(key, n, device=grad.device, offset=0 if shard is None else shard.unit_offset)
-
     if sampler == "multinomial":
+        u = philox_uniform(key, n, device=grad.device)
         if mask == "uniform":
             pi = torch.full((n,), 1.0 / n, dtype=cdtype, device=grad.device)
         else:
@@ -228,14 +243,14 @@ def masked_gradient(
         else:  # the official code's AMSS+ weights, not 1/q (docs/algorithm.md §2)
             scale = 1.0 / (pi + 1.0 / n)
     else:
-        if mask == "uniform":
-            q = torch.full((n,), float(rate), dtype=cdtype, device=grad.device)
-        else:
+        scalars = scores = None
+        if mask != "uniform":
             scores = unit_scores(g, granularity)
-            alpha, beta = inclusion_scalars(scores, rate, smoothing, max_iter, shard)
-            q = (scores * alpha + beta).clamp_max(1.0)
-        keep = u.to(cdtype) < q
-        scale = 1.0 / q if unbiased else None
+            scalars = inclusion_scalars(scores, rate, smoothing, max_iter, shard)
+        return masked_gradient_given_scalars(
+            g, rate=rate, key=key, mask=mask, granularity=granularity, scalars=scalars, scores=scores,
+            unbiased=unbiased, unit_offset=0 if shard is None else shard.unit_offset,
+        )
 
     kept = keep.sum()
     if scale is not None:
@@ -243,6 +258,55 @@ def masked_gradient(
     else:
         g_masked = torch.where(_unit_view(keep, g, granularity), g, 0.0)
     return g_masked, kept
+
+
+def masked_gradient_given_scalars(
+    grad: Tensor,
+    *,
+    rate: float,
+    key: int,
+    mask: str = "amss+",
+    granularity: str = "element",
+    scalars: Union[Tensor, tuple, None] = None,
+    scores: Optional[Tensor] = None,
+    unbiased: Optional[bool] = None,
+    unit_offset: int = 0,
+) -> tuple[Tensor, Union[Tensor, int]]:
+    """:func:`masked_gradient` (Poisson sampler) given the per-tensor scalars instead of computing them.
+
+    ``scalars = [alpha, beta]`` (a 2-element tensor or a pair) and, optionally, the unit ``scores``
+    (default :func:`unit_scores` of ``grad``) give ``q_j = min(1, alpha s_j + beta)`` for ``amss`` /
+    ``amss+``; ``uniform`` has ``q_j = rate`` and ignores them; ``none``, ``rate >= 1`` and ``scale``
+    sample nothing (``g`` and ``rate * g``, with the python int ``N`` as the count). The mask is
+    ``u_j < q_j`` with the Philox uniform of global unit ``unit_offset + j`` under ``key``; kept units
+    are weighted by ``1 / q_j`` when ``unbiased`` (default: ``mask == "amss+"``). Returns ``g~`` in the
+    compute dtype and the kept count (a 0-d int64 tensor when sampled).
+
+    :func:`masked_gradient` computes its masks with this function: with ``inclusion_scalars``' output
+    the two agree bit for bit. The kernel tests feed it the scalars a kernel used.
+    """
+    cdtype = _compute_dtype(grad.dtype)
+    g = grad.to(cdtype)
+    n = _num_units(grad.shape, granularity)
+    if mask == "none" or rate >= 1.0:
+        return g, n
+    if mask == "scale":  # a per-modality step size: no sampling, local to each shard
+        return g * float(rate), n
+    if unbiased is None:
+        unbiased = mask == "amss+"
+    if mask == "uniform":
+        q = torch.full((n,), float(rate), dtype=cdtype, device=grad.device)
+    else:
+        if scalars is None:
+            raise ValueError(f"masked_gradient_given_scalars: mask={mask!r} needs scalars=[alpha, beta]")
+        q = inclusion_probability(unit_scores(g, granularity) if scores is None else scores, scalars[0], scalars[1])
+    u = philox_uniform(key, n, device=grad.device, offset=unit_offset)
+    keep = u.to(cdtype) < q
+    if unbiased:
+        g_masked = torch.where(_unit_view(keep, g, granularity), g * _unit_view(1.0 / q, g, granularity), 0.0)
+    else:
+        g_masked = torch.where(_unit_view(keep, g, granularity), g, 0.0)
+    return g_masked, keep.sum()
 
 
 def _single_tensor_masked_sgd(

@@ -15,12 +15,13 @@ import torch
 from masked_optim import MaskedMultiModalSGD
 from masked_optim.backends import BackendUnavailable, backend_status, kernel_for, resolve_backend
 from masked_optim.functional import _single_tensor_masked_sgd, inclusion_scalars, unit_scores
+from masked_optim.modes import Mode
 from masked_optim.rng import derive_key
 from tolerances import TOLERANCES, assert_close_normwise
 
 CPU = torch.device("cpu")
 FUSED = ["cpp", "triton"]
-MODES = {1: ("uniform", False), 2: ("uniform", True), 3: ("amss", None), 4: ("amss+", None), 5: ("scale", None)}
+MODES = [m for m in Mode if m != Mode.DENSE]  # test_dense_mode_is_sgd covers Mode.DENSE
 SHAPES = [(0,), (1,), (4097,), (278011,), (5, 123, 123), (64, 3, 3, 3)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 STEPS = 10
@@ -37,9 +38,9 @@ def _require(backend):
 def _reference_scalars(grad, rate, mode, granularity, maximize):
     g = -grad if maximize else grad
     scores = unit_scores(g, granularity)
-    if mode == 5:  # scale: q = 1, nothing to compute
+    if mode == Mode.SCALE:  # scale: q = 1, nothing to compute
         return scores, torch.tensor([0.0, 1.0], dtype=scores.dtype)
-    if mode in (1, 2):
+    if not mode.importance:  # uniform: q = rate
         return scores, torch.tensor([0.0, rate], dtype=scores.dtype)
     alpha, beta = inclusion_scalars(scores, rate, 0.5)
     return scores, torch.stack([alpha, beta])
@@ -62,7 +63,7 @@ def _grid():
                     for shape in SHAPES:
                         if backend == "triton" and (torch.Size(shape).numel() > 4097 or dtype in (torch.float16, torch.float64)):
                             continue
-                        name = f"{backend}-{MODES[mode][0]}{'-unbiased' if mode == 2 else ''}-{granularity}-{str(dtype).split('.')[1]}-{'x'.join(map(str, shape))}"
+                        name = f"{backend}-{mode.mask}{'-unbiased' if mode == Mode.UNIFORM_UNBIASED else ''}-{granularity}-{str(dtype).split('.')[1]}-{'x'.join(map(str, shape))}"
                         yield pytest.param(backend, mode, granularity, dtype, shape, id=name)
 
 
@@ -70,7 +71,7 @@ def _grid():
 def test_kernel_matches_reference(backend, mode, granularity, dtype, shape):
     _require(backend)
     kernel = kernel_for(backend)
-    mask, unbiased = MODES[mode]
+    mask, unbiased = mode.mask, mode.unbiased
     channel = granularity == "channel"
     gen = torch.Generator().manual_seed(1)
     p_ref = torch.randn(shape, generator=gen).to(dtype)
@@ -78,7 +79,7 @@ def test_kernel_matches_reference(backend, mode, granularity, dtype, shape):
     bufs = [None]
     b_ker = torch.empty_like(p_ker)
     momentum, dampening, nesterov, wd = (0.9, 0.0, True, 1e-2) if mode % 2 else (0.9, 0.1, False, 0.0)
-    maximize = mode in (4, 5)
+    maximize = mode in (Mode.AMSS_PLUS, Mode.SCALE)
     for step in range(STEPS):
         rate = [0.3, 0.7, 0.05][step % 3]
         key = derive_key(7, step, 3)
@@ -115,7 +116,7 @@ def test_dense_mode_is_sgd(backend):
     ref = p.clone().requires_grad_()
     opt = torch.optim.SGD([ref], lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
     for step in range(3):
-        kept, _ = kernel(p, g, b, None, None, 1, 1.0, 0.5, 4, 0, False, 0.1, 0.9, 0.0, 1e-3, True, False, step == 0)
+        kept, _ = kernel(p, g, b, None, None, 1, 1.0, 0.5, 4, Mode.DENSE, False, 0.1, 0.9, 0.0, 1e-3, True, False, step == 0)
         ref.grad = g
         opt.step()
         assert int(kept) == 1000
@@ -175,15 +176,15 @@ def test_kernel_rejects_bad_input():
     k = kernel_for("cpp")
     p = torch.zeros(4)
     with pytest.raises(RuntimeError, match="grad must match param"):
-        k(p, torch.zeros(5), p.new_empty(0), None, None, 1, 0.5, 0.5, 4, 3, False, 0.1, 0.0, 0.0, 0.0, False, False, False)
+        k(p, torch.zeros(5), p.new_empty(0), None, None, 1, 0.5, 0.5, 4, Mode.AMSS, False, 0.1, 0.0, 0.0, 0.0, False, False, False)
     with pytest.raises(RuntimeError, match=r"mode must be in 0\.\.5"):
-        k(p, torch.zeros(4), p.new_empty(0), None, None, 1, 0.5, 0.5, 4, 7, False, 0.1, 0.0, 0.0, 0.0, False, False, False)
+        k(p, torch.zeros(4), p.new_empty(0), None, None, 1, 0.5, 0.5, 4, len(Mode) + 1, False, 0.1, 0.0, 0.0, 0.0, False, False, False)
     with pytest.raises(RuntimeError, match="momentum_buffer must be a contiguous tensor like param"):
-        k(p, torch.zeros(4), p.new_empty(0), None, None, 1, 0.5, 0.5, 4, 3, False, 0.1, 0.9, 0.0, 0.0, False, False, False)
+        k(p, torch.zeros(4), p.new_empty(0), None, None, 1, 0.5, 0.5, 4, Mode.AMSS, False, 0.1, 0.9, 0.0, 0.0, False, False, False)
 
 
 @pytest.mark.parametrize("granularity", ["element", "channel"])
-@pytest.mark.parametrize("mode", [1, 3, 4, 5], ids=["uniform", "amss", "amss+", "scale"])
+@pytest.mark.parametrize("mode", [Mode.UNIFORM, Mode.AMSS, Mode.AMSS_PLUS, Mode.SCALE], ids=lambda m: m.mask)
 def test_tensor_scalars_is_the_fused_stage_one(mode, granularity):
     """The optimizer's phase 1: the same [alpha, beta] the fused step computes, and the sum of g^2."""
     _require("cpp")
@@ -194,7 +195,7 @@ def test_tensor_scalars_is_the_fused_stage_one(mode, granularity):
                                0.1, 0.0, 0.0, 0.0, False, False, False)
     assert torch.equal(scalars, own)
     torch.testing.assert_close(sumsq, g.double().square().sum(), rtol=1e-6, atol=0)
-    if mode == 5:  # scale has no stage 1
+    if mode == Mode.SCALE:  # scale has no stage 1
         assert torch.equal(scalars, torch.tensor([0.0, 1.0])) and scores.numel() == 0
     elif channel:
         torch.testing.assert_close(scores, unit_scores(g, "channel"), **TOLERANCES[torch.float32])

@@ -1,10 +1,10 @@
 """Parity of the Triton backend (masked_optim.backends.triton_kernels) with the pure-PyTorch reference.
 
 On a machine without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets
-TRITON_INTERPRET=1 before triton is imported). The reference side applies the kernel contract with
-the reference's own pieces: ``unit_scores``, ``inclusion_scalars``, ``philox_uniform`` and the
-masking of ``masked_gradient`` (checked bit for bit against ``masked_gradient`` itself), then
-``_single_tensor_masked_sgd``'s torch.optim.SGD update.
+TRITON_INTERPRET=1 before triton is imported). The reference side is masked_optim.functional itself:
+``unit_scores`` and ``inclusion_scalars`` for [alpha, beta], ``masked_gradient_given_scalars`` (the
+masking of ``masked_gradient``, given the scalars the kernel used) for the masked gradient, then
+``_single_tensor_masked_sgd``'s torch.optim.SGD update. The tests hold no copy of the rule.
 """
 
 from __future__ import annotations
@@ -21,18 +21,19 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 from masked_optim.backends import triton_kernels as tk  # noqa: E402
 from masked_optim.functional import (  # noqa: E402
     _single_tensor_masked_sgd,
-    _unit_view,
     inclusion_scalars,
     masked_gradient,
+    masked_gradient_given_scalars,
     unit_scores,
 )
-from masked_optim.rng import derive_key, philox_uniform  # noqa: E402
+from masked_optim.modes import Mode  # noqa: E402
+from masked_optim.rng import derive_key  # noqa: E402
 
 from tolerances import assert_close  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-MODES = [0, 1, 2, 3, 4, 5]
-MASK_NAMES = {1: "uniform", 2: "uniform", 3: "amss", 4: "amss+", 5: "scale"}
+MODES = list(Mode)
+SAMPLED = [m for m in Mode if m != Mode.DENSE]  # every mode with a mask name of its own
 GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0"
 DEVICE = "cuda" if GPU else "cpu"
 BLOCK = 4096
@@ -72,30 +73,14 @@ def ref_scalars(grad, channel, rate, smoothing=0.5, max_iter=4, maximize=False):
 
 
 def ref_masked_grad(grad, key, mode, channel, rate, scalars, scores=None, maximize=False):
-    """The contract's masked gradient g~ (compute dtype) and kept count, given [alpha, beta]."""
-    cdtype = _cdtype(grad.dtype)
-    g = grad.to(cdtype)
-    if maximize:
-        g = -g
-    gran = "channel" if channel else "element"
-    n = _n_units(grad.shape, channel)
-    if mode == 5:  # scale: no mask, every unit kept
-        return g * float(rate), n
-    if mode == 0 or n == 0:
-        return g, (n if mode == 0 else 0)
-    u = philox_uniform(key, n, device=grad.device).to(cdtype)
-    if mode in (1, 2):
-        q = torch.full((n,), float(rate), dtype=cdtype, device=grad.device)
-    else:
-        s = scores if scores is not None else unit_scores(g, gran)
-        q = (s * scalars[0] + scalars[1]).clamp_max(1.0)
-    keep = u < q
-    if mode in (2, 4):
-        scale = 1.0 / q
-        gm = torch.where(_unit_view(keep, g, gran), g * _unit_view(scale, g, gran), 0.0)
-    else:
-        gm = torch.where(_unit_view(keep, g, gran), g, 0.0)
-    return gm, int(keep.sum())
+    """The reference's masked gradient g~ (compute dtype) and kept count, given [alpha, beta]."""
+    mode = Mode(mode)
+    g = grad.to(_cdtype(grad.dtype))
+    masked, kept = masked_gradient_given_scalars(
+        -g if maximize else g, rate=rate, key=key, mask=mode.mask, granularity="channel" if channel else "element",
+        scalars=scalars, scores=scores, unbiased=mode.unbiased,
+    )
+    return masked, int(kept)
 
 
 def ref_update(param, masked_grad, buf_list, lr, momentum, dampening, weight_decay, nesterov):
@@ -139,18 +124,17 @@ def test_triton_available_and_runtime_scalars_are_not_constexpr():
 
 
 def test_reference_helper_equals_masked_gradient():
-    """The test's reference masking, fed inclusion_scalars' output, is masked_gradient bit for bit."""
+    """masked_gradient_given_scalars, fed inclusion_scalars' output, is masked_gradient bit for bit."""
     for channel in (False, True):
         gran = "channel" if channel else "element"
         for dtype in DTYPES:
             grad = _grad((7, 33, 5), dtype)
             key = derive_key(3, 1, 2)
-            for mode in (1, 2, 3, 4, 5):
+            for mode in SAMPLED:
                 scalars, scores = ref_scalars(grad, channel, 0.3)
                 mine, kept = ref_masked_grad(grad, key, mode, channel, 0.3, scalars, scores)
                 theirs, kept_ref = masked_gradient(
-                    grad, rate=0.3, key=key, mask=MASK_NAMES[mode], granularity=gran, smoothing=0.5,
-                    unbiased=mode in (2, 4),
+                    grad, rate=0.3, key=key, mask=mode.mask, granularity=gran, smoothing=0.5, unbiased=mode.unbiased,
                 )
                 assert torch.equal(mine, theirs) and kept == int(kept_ref), (gran, dtype, mode)
 
@@ -170,8 +154,8 @@ def test_masked_gradient_bit_identical(shape, channel, dtype):
         param = torch.zeros(shape, dtype=dtype, device=DEVICE)
         kept, out_scalars = run_kernel(
             param, grad, _empty_buf(param), key=key, mode=mode, channel=channel, lr=1.0, maximize=maximize,
-            scalars=scalars if mode in (3, 4) else None,
-            scores=scores if (channel and mode in (3, 4)) else None, block=_block(grad),
+            scalars=scalars if mode.importance else None,
+            scores=scores if (channel and mode.importance) else None, block=_block(grad),
         )
         expected, kept_ref = ref_masked_grad(grad, key, mode, channel, 0.3, scalars, scores, maximize)
         what = f"mode {mode}"
@@ -193,7 +177,7 @@ def test_sgd_steps_match_reference(mode, channel, dtype):
     """4 optimizer configurations x 3 steps with fresh keys: kept counts exact, params and momentum
     buffers within the dtype tolerance. The first step with momentum writes b = d over a NaN buffer."""
     shape = (33, 129) if channel else (4097,)
-    rate = 0.3 if mode == 5 else 0.25  # scale: g * rate is rounded
+    rate = 0.3 if mode == Mode.SCALE else 0.25  # scale: g * rate is rounded
     for cfg_index, (momentum, dampening, nesterov, weight_decay, maximize) in enumerate(SGD_CONFIGS):
         param0 = torch.randn(shape, dtype=torch.float64).to(dtype).to(DEVICE)
         p_kernel, p_ref = param0.clone(), param0.clone()
@@ -205,8 +189,8 @@ def test_sgd_steps_match_reference(mode, channel, dtype):
             scalars, scores = ref_scalars(grad, channel, rate, maximize=maximize)
             kept, _ = run_kernel(
                 p_kernel, grad, buf_kernel, key=key, mode=mode, channel=channel, rate=rate,
-                scalars=scalars if mode in (3, 4) else None,
-                scores=scores if (channel and mode in (3, 4)) else None,
+                scalars=scalars if mode.importance else None,
+                scores=scores if (channel and mode.importance) else None,
                 lr=0.05, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                 maximize=maximize, first_step=step == 0,
             )
@@ -236,23 +220,23 @@ def test_stage1_scalars_match_inclusion_scalars(shape, kind, rate, channel, dtyp
     """scalars=None: the kernel's [alpha, beta] match inclusion_scalars (fp32/fp64 tolerance) and,
     with the scalars it computed, its mask is the reference's bit for bit."""
     grad = _grad(shape, dtype, kind)
-    for mode in (3, 4):
+    for mode in (Mode.AMSS, Mode.AMSS_PLUS):
         key = derive_key(5, mode, 0)
         param = torch.zeros(shape, dtype=dtype, device=DEVICE)
         kept, scalars = run_kernel(param, grad, _empty_buf(param), key=key, mode=mode, channel=channel, rate=rate,
-                                   lr=1.0, maximize=mode == 4, block=_block(grad))
-        expected, _ = ref_scalars(grad, channel, rate, maximize=mode == 4)
+                                   lr=1.0, maximize=mode == Mode.AMSS_PLUS, block=_block(grad))
+        expected, _ = ref_scalars(grad, channel, rate, maximize=mode == Mode.AMSS_PLUS)
         assert_close(scalars, expected, _cdtype(dtype))
         # the kernel's own channel scores (summed in another order than torch's)
         n_units = _n_units(shape, channel)
         scores = tk._channel_scores(grad, n_units, grad.numel() // n_units, BLOCK) if channel else None
         if channel:
             assert_close(scores, unit_scores(grad.to(_cdtype(dtype)), "channel"), _cdtype(dtype))
-        masked, kept_ref = ref_masked_grad(grad, key, mode, channel, rate, scalars, scores, maximize=mode == 4)
+        masked, kept_ref = ref_masked_grad(grad, key, mode, channel, rate, scalars, scores, maximize=mode == Mode.AMSS_PLUS)
         assert int(kept) == kept_ref
         assert torch.equal(param != 0, masked.to(dtype) != 0)
         # and against the reference's own end-to-end result: at most a rounding flip or two
-        _, kept_e2e = masked_gradient(-grad if mode == 4 else grad, rate=rate, key=key, mask=MASK_NAMES[mode],
+        _, kept_e2e = masked_gradient(-grad if mode == Mode.AMSS_PLUS else grad, rate=rate, key=key, mask=mode.mask,
                                       granularity="channel" if channel else "element", smoothing=0.5)
         if rate < 1.0:
             assert abs(int(kept) - int(kept_e2e)) <= 2
@@ -260,14 +244,15 @@ def test_stage1_scalars_match_inclusion_scalars(shape, kind, rate, channel, dtyp
 
 def test_stage1_uniform_and_dense_scalars():
     grad = _grad((100,), torch.float32).cpu()
-    for mode, expected in ((0, [0.0, 1.0]), (1, [0.0, 0.3]), (2, [0.0, 0.3]), (5, [0.0, 1.0])):
+    for mode, expected in ((Mode.DENSE, [0.0, 1.0]), (Mode.UNIFORM, [0.0, 0.3]), (Mode.UNIFORM_UNBIASED, [0.0, 0.3]),
+                           (Mode.SCALE, [0.0, 1.0])):
         param = torch.zeros(100, device=DEVICE)
         kept, scalars = run_kernel(param, grad.to(DEVICE), _empty_buf(param), key=1, mode=mode, channel=False,
                                    rate=0.3)
         assert torch.equal(scalars.cpu(), torch.tensor(expected, dtype=torch.float32))
-        if mode == 0:
+        if mode == Mode.DENSE:
             assert int(kept) == 100 and torch.equal(param.cpu(), -0.1 * grad)
-        if mode == 5:  # scale: every unit kept, g~ = 0.3 * g, and no other factor
+        if mode == Mode.SCALE:  # scale: every unit kept, g~ = 0.3 * g, and no other factor
             assert int(kept) == 100 and torch.equal(param.cpu(), -0.1 * (grad * 0.3))
             assert not torch.equal(param.cpu(), -0.1 * (grad * 0.09))
 
@@ -282,7 +267,7 @@ def test_scale_ignores_granularity_key_and_scalars(dtype):
                                   (True, 3, torch.tensor([5.0, 0.1], dtype=_cdtype(dtype), device=DEVICE))):
         p = torch.ones(6, 50, dtype=dtype, device=DEVICE)
         buf = torch.full_like(p, math.nan)
-        kept, out_scalars = run_kernel(p, grad, buf, key=key, mode=5, channel=channel, rate=0.3, scalars=scalars,
+        kept, out_scalars = run_kernel(p, grad, buf, key=key, mode=Mode.SCALE, channel=channel, rate=0.3, scalars=scalars,
                                        momentum=0.9, weight_decay=1e-2, nesterov=True, maximize=True)
         assert int(kept) == (6 if channel else 300)
         assert torch.equal(out_scalars.cpu(), torch.tensor([0.0, 1.0], dtype=_cdtype(dtype)))
@@ -302,7 +287,7 @@ def test_empty_tensors(shape, dtype):
             param = torch.zeros(shape, dtype=dtype, device=DEVICE)
             kept, scalars = run_kernel(param, torch.zeros_like(param), torch.zeros_like(param), key=1, mode=mode,
                                        channel=channel, momentum=0.9)
-            units = _n_units(shape, channel) if mode == 5 else 0  # scale keeps every (empty) unit
+            units = _n_units(shape, channel) if mode == Mode.SCALE else 0  # scale keeps every (empty) unit
             assert kept.dtype == torch.int64 and kept.dim() == 0 and int(kept) == units
             assert scalars.shape == (2,) and scalars.dtype == _cdtype(dtype)
 
@@ -315,20 +300,21 @@ def test_large_tensor(channel):
     dtype = torch.float32
     grad = _grad(shape, dtype, "heavy")
     param0 = torch.randn(shape).to(DEVICE)
-    for mode in (1, 4):
+    for mode in (Mode.UNIFORM, Mode.AMSS_PLUS):
         key = derive_key(7, 0, mode)
         # stage 1 from the kernel itself
         kept_self, scalars_self = run_kernel(param0.clone(), grad, torch.empty_like(param0), key=key, mode=mode,
                                              channel=channel, rate=0.1, momentum=0.9, nesterov=True,
                                              weight_decay=1e-3, block=BIG_BLOCK)
         scalars, scores = ref_scalars(grad, channel, 0.1)
-        if mode == 4:
+        if mode == Mode.AMSS_PLUS:
             assert_close(scalars_self, scalars, torch.float32)
         # parity given the reference's scalars
         p = param0.clone()
         buf = torch.full_like(p, math.nan)
         kept, _ = run_kernel(p, grad, buf, key=key, mode=mode, channel=channel, rate=0.1,
-                             scalars=scalars if mode == 4 else None, scores=scores if channel and mode == 4 else None,
+                             scalars=scalars if mode == Mode.AMSS_PLUS else None,
+                             scores=scores if channel and mode == Mode.AMSS_PLUS else None,
                              momentum=0.9, nesterov=True, weight_decay=1e-3, block=BIG_BLOCK)
         g_masked, kept_ref = ref_masked_grad(grad, key, mode, channel, 0.1, scalars, scores)
         p_ref, buf_ref = param0.clone(), [None]
@@ -346,7 +332,7 @@ def test_block_size_does_not_change_the_result():
         for channel in (False, True):
             p = torch.zeros(3, 100)
             scalars, scores = ref_scalars(grad, channel, 0.3)  # stage 1 sums in a block-dependent order
-            kept, _ = run_kernel(p, grad, _empty_buf(p), key=99, mode=4, channel=channel, lr=1.0, block=block,
+            kept, _ = run_kernel(p, grad, _empty_buf(p), key=99, mode=Mode.AMSS_PLUS, channel=channel, lr=1.0, block=block,
                                  scalars=scalars, scores=scores if channel else None)
             outs.append((channel, int(kept), p))
     for channel in (False, True):
@@ -358,7 +344,7 @@ def test_block_size_does_not_change_the_result():
 def _ok_args():
     p = torch.zeros(8)
     return dict(param=p, grad=torch.zeros(8), momentum_buffer=torch.empty(0), scores=None, scalars=None, key=1,
-                rate=0.5, smoothing=0.5, max_iter=4, mode=4, channel=False, lr=0.1, momentum=0.0, dampening=0.0,
+                rate=0.5, smoothing=0.5, max_iter=4, mode=int(Mode.AMSS_PLUS), channel=False, lr=0.1, momentum=0.0, dampening=0.0,
                 weight_decay=0.0, nesterov=False, maximize=False, first_step=True)
 
 

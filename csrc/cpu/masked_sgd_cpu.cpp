@@ -1,4 +1,5 @@
-// Fused masked SGD step for CPU tensors: the op masked_optim::masked_sgd_ (schema in ops.cpp).
+// Fused masked SGD step for CPU tensors: the op masked_optim::masked_sgd_ (schema in
+// masked_optim/backends/_ops.py; the per-element math in csrc/masked_sgd_math.h).
 //
 // Two passes over one tensor (docs/algorithm.md §2; mode 5, scale, skips stage 1 and samples nothing):
 //   1. a reduction over the gradient: sum and max of the unit scores s_j = g_j^2 (per element or
@@ -29,6 +30,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../masked_sgd_math.h"
 #include "../philox.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(MASKED_OPTIM_NO_CLONES)
@@ -48,8 +50,6 @@ constexpr int64_t kSubChunk = 256;
 // Reductions keep kLanes independent partial results so that they vectorise without -ffast-math
 // (a scalar float accumulator is a loop-carried dependence the compiler may not reassociate).
 constexpr int kLanes = 16;
-
-enum Mode : int64_t { kDense = 0, kUniform = 1, kUniformUnbiased = 2, kAmss = 3, kAmssPlus = 4, kScale = 5 };
 
 // Uniforms of units [4 * first_block, 4 * (first_block + nblocks)) into out[0 .. 4 * nblocks).
 // Portable version: the compiler vectorises it across counters in the x86-64-v3/v4 clones.
@@ -149,39 +149,12 @@ inline void fill_uniforms(uint64_t key, int64_t first_block, int64_t nblocks, fl
   }
 }
 
-// min(1, x) that propagates NaN like torch.clamp_max (a NaN q keeps nothing, as in the reference).
-template <typename acc_t>
-inline acc_t clamp_to_one(acc_t x) {
-  return x > acc_t(1) ? acc_t(1) : x;
-}
-
-template <typename acc_t>
-struct Hyper {
-  // grad_scale: the weight of a kept unit when not unbiased; rate for mode scale, else 1 (exact).
-  acc_t alpha, beta, lr, momentum, one_minus_dampening, weight_decay, sign, grad_scale;
-  bool unbiased, has_momentum, first_step, nesterov;
-};
-
-// The SGD update of one element from its masked gradient gm, in torch.optim.SGD's order. Written
-// branch-free (selects on loop-invariant flags, weight decay always added: + 0 * p is exact) so that
-// the element loop vectorises; only the presence of a momentum buffer is a template parameter.
-template <bool kMomentum, typename scalar_t, typename acc_t>
-inline void sgd_update(const Hyper<acc_t>& h, acc_t gm, scalar_t* __restrict p, scalar_t* __restrict b, int64_t i) {
-  const acc_t pv = static_cast<acc_t>(p[i]);
-  acc_t d = gm + h.weight_decay * pv;
-  if constexpr (kMomentum) {
-    const acc_t old = static_cast<acc_t>(b[i]);
-    const acc_t bv = h.first_step ? d : h.momentum * old + h.one_minus_dampening * d;
-    b[i] = static_cast<scalar_t>(bv);
-    d = h.nesterov ? d + h.momentum * bv : bv;
-  }
-  p[i] = static_cast<scalar_t>(pv - h.lr * d);
-}
-
 // Element granularity: elements [begin, end) of a chunk whose uniforms are u[0 .. end - begin).
-// Dense steps pass alpha = 0, beta = 1 and u = 0, so every element is kept with weight 1 exactly;
-// mode scale does the same with weight grad_scale = rate, so g~ = g * rate, one rounded product.
-template <bool kMomentum, typename scalar_t, typename acc_t>
+// Unsampled steps (dense, scale) pass u = 0 with q = 1 (h.fixed_q), so every element is kept with
+// weight grad_scale: 1 exactly, or the rate in mode scale (g~ = g * rate, one rounded product).
+// The math is csrc/masked_sgd_math.h; the presence of a momentum buffer and h.fixed_q are template
+// parameters (with either one a run-time select, the loop does not vectorise: ~4x slower).
+template <bool kMomentum, bool kFixedQ, typename scalar_t, typename acc_t>
 MASKED_OPTIM_CLONES int64_t update_elements(const Hyper<acc_t> h, const scalar_t* __restrict g, scalar_t* __restrict p,
                                             scalar_t* __restrict b, int64_t begin, int64_t end,
                                             const float* __restrict u) {
@@ -191,37 +164,40 @@ MASKED_OPTIM_CLONES int64_t update_elements(const Hyper<acc_t> h, const scalar_t
   scalar_t* __restrict pc = p + begin;
   scalar_t* __restrict bc = kMomentum ? b + begin : nullptr;
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t gv = static_cast<acc_t>(gc[i]) * h.sign;
-    const acc_t s = gv * gv;
-    const acc_t q = clamp_to_one(h.alpha * s + h.beta);
-    const bool keep = static_cast<acc_t>(u[i]) < q;
+    const acc_t gv = signed_grad(h, static_cast<acc_t>(gc[i]));
+    const acc_t q = unit_probability<kFixedQ>(h, mul_rn(gv, gv));
+    const bool keep = keep_unit(u[i], q);
     kept += keep ? 1 : 0;
-    const acc_t w = h.unbiased ? acc_t(1) / q : h.grad_scale;
-    const acc_t gm = keep ? gv * w : acc_t(0);
-    sgd_update<kMomentum, scalar_t, acc_t>(h, gm, pc, bc, i);
+    acc_t pv = static_cast<acc_t>(pc[i]);
+    acc_t bv = kMomentum ? static_cast<acc_t>(bc[i]) : acc_t(0);
+    sgd_update<kMomentum>(h, masked_value(gv, keep, unit_weight(h, q)), pv, bv);
+    pc[i] = static_cast<scalar_t>(pv);
+    if (kMomentum) bc[i] = static_cast<scalar_t>(bv);
   }
   return kept;
 }
 
 // Channel granularity: units [ubegin, uend), each `inner` contiguous elements. The unit's weight
-// (0 when dropped, else 1 or 1/q) is formed first; the element loop is then a plain scaled update.
+// (kept: 1 or 1/q) is formed first; the element loop is then a plain scaled update.
 template <bool kMomentum, typename scalar_t, typename acc_t>
 MASKED_OPTIM_CLONES int64_t update_channels(const Hyper<acc_t> h, const scalar_t* __restrict g, scalar_t* __restrict p,
                                             scalar_t* __restrict b, const acc_t* __restrict scores, int64_t inner,
                                             int64_t ubegin, int64_t uend, const float* __restrict u) {
   int64_t kept = 0;
   for (int64_t j = ubegin; j < uend; ++j) {
-    const acc_t q = clamp_to_one(h.alpha * scores[j] + h.beta);
-    const bool keep = static_cast<acc_t>(u[j - ubegin]) < q;
+    const acc_t q = unit_probability(h, scores != nullptr ? scores[j] : acc_t(0));
+    const bool keep = keep_unit(u[j - ubegin], q);
     kept += keep;
-    const acc_t w = h.unbiased ? acc_t(1) / q : acc_t(1);
+    const acc_t w = unit_weight(h, q);
     const scalar_t* __restrict gj = g + j * inner;
     scalar_t* __restrict pj = p + j * inner;
     scalar_t* __restrict bj = kMomentum ? b + j * inner : nullptr;
-    if (keep) {
-      for (int64_t i = 0; i < inner; ++i) sgd_update<kMomentum, scalar_t, acc_t>(h, static_cast<acc_t>(gj[i]) * h.sign * w, pj, bj, i);
-    } else {
-      for (int64_t i = 0; i < inner; ++i) sgd_update<kMomentum, scalar_t, acc_t>(h, acc_t(0), pj, bj, i);
+    for (int64_t i = 0; i < inner; ++i) {
+      acc_t pv = static_cast<acc_t>(pj[i]);
+      acc_t bv = kMomentum ? static_cast<acc_t>(bj[i]) : acc_t(0);
+      sgd_update<kMomentum>(h, masked_value(signed_grad(h, static_cast<acc_t>(gj[i])), keep, w), pv, bv);
+      pj[i] = static_cast<scalar_t>(pv);
+      if (kMomentum) bj[i] = static_cast<scalar_t>(bv);
     }
   }
   return kept;
@@ -456,7 +432,7 @@ Stage1<acc_t> stage1(const at::Tensor& grad, const c10::optional<at::Tensor>& sc
   at::Tensor scores_buf;
   const acc_t* scores = nullptr;
   double sumsq = std::numeric_limits<double>::quiet_NaN();
-  const bool sampled = mode != kDense && mode != kScale && rate < 1.0 && n_units > 0;
+  const bool sampled = step_sampled(mode, rate, n_units);
   if (sampled && channel) {
     if (scores_in.has_value()) {
       scores_buf = scores_in->to(acc_type).contiguous();
@@ -473,7 +449,7 @@ Stage1<acc_t> stage1(const at::Tensor& grad, const c10::optional<at::Tensor>& sc
     const at::Tensor sc = scalars_in->to(at::kCPU, acc_type).contiguous();
     alpha = sc.const_data_ptr<acc_t>()[0];
     beta = sc.const_data_ptr<acc_t>()[1];
-  } else if (sampled && (mode == kUniform || mode == kUniformUnbiased)) {
+  } else if (sampled && mode_uniform(mode)) {
     alpha = 0;
     beta = static_cast<acc_t>(rate);
   } else if (sampled) {
@@ -667,36 +643,23 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_impl(at::Tensor& param, const at::
   const int nthreads = at::get_num_threads();
 
   // ---- stage 1: per-tensor scalars alpha, beta (q_j = min(1, alpha s_j + beta)); none for scale
-  const bool sampled = mode != kDense && mode != kScale && rate < 1.0 && n_units > 0;
-  acc_t alpha = 0, beta = 1;
+  const bool sampled = step_sampled(mode, rate, n_units);
+  Hyper<acc_t> h = make_hyper<acc_t>(mode, sampled, rate, static_cast<uint64_t>(key), lr, momentum, dampening,
+                                     weight_decay, nesterov, maximize, first_step);
   const acc_t* scores = nullptr;
   Stage1<acc_t> st{0, 1, at::Tensor(), 0.0};
   if (sampled) {
     st = stage1<scalar_t, acc_t>(grad, scores_in, scalars_in, rate, smoothing, max_iter, mode, channel);
-    alpha = st.alpha;
-    beta = st.beta;
+    if (!h.fixed_q) {
+      h.alpha = st.alpha;
+      h.beta = st.beta;
+    }
     if (st.scores.defined()) scores = st.scores.template const_data_ptr<acc_t>();
   }
+  const acc_t alpha = sampled ? st.alpha : acc_t(0), beta = sampled ? st.beta : acc_t(1);  // the op's output
 
-  // ---- stage 2: fused sample, mask, rescale and SGD update
-  Hyper<acc_t> h;
-  h.alpha = alpha;
-  h.beta = beta;
-  h.lr = static_cast<acc_t>(lr);
-  h.momentum = static_cast<acc_t>(momentum);
-  h.one_minus_dampening = static_cast<acc_t>(1.0 - dampening);
-  h.weight_decay = static_cast<acc_t>(weight_decay);
-  h.sign = maximize ? acc_t(-1) : acc_t(1);
-  h.grad_scale = mode == kScale && rate < 1.0 ? static_cast<acc_t>(rate) : acc_t(1);  // rounded as torch rounds a scalar
-  h.unbiased = sampled && (mode == kUniformUnbiased || mode == kAmssPlus);
-  h.has_momentum = momentum != 0;
-  h.first_step = first_step;
-  h.nesterov = nesterov;
-  if (!sampled) {
-    h.alpha = 0;
-    h.beta = 1;
-  }
-  const uint64_t ukey = static_cast<uint64_t>(key);
+  // ---- stage 2: fused sample, mask, rescale and SGD update (csrc/masked_sgd_math.h)
+  const uint64_t ukey = h.key;
 
   std::vector<int64_t> kept_per_thread(nthreads, 0);
   if (!channel || !sampled) {
@@ -709,8 +672,13 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_impl(at::Tensor& param, const at::
         const int64_t begin = c * kSubChunk;
         const int64_t end = std::min(numel, begin + kSubChunk);
         if (sampled) fill_uniforms(ukey, begin / 4, (end - begin + 3) / 4, u);
-        kept += h.has_momentum ? update_elements<true, scalar_t, acc_t>(h, g, p, b, begin, end, u)
-                               : update_elements<false, scalar_t, acc_t>(h, g, p, b, begin, end, u);
+        if (h.fixed_q) {
+          kept += h.has_momentum ? update_elements<true, true, scalar_t, acc_t>(h, g, p, b, begin, end, u)
+                                 : update_elements<false, true, scalar_t, acc_t>(h, g, p, b, begin, end, u);
+        } else {
+          kept += h.has_momentum ? update_elements<true, false, scalar_t, acc_t>(h, g, p, b, begin, end, u)
+                                 : update_elements<false, false, scalar_t, acc_t>(h, g, p, b, begin, end, u);
+        }
       }
       kept_per_thread[at::get_thread_num()] += kept;
     });
@@ -753,7 +721,7 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_cpu(at::Tensor& param, const at::T
               grad.scalar_type(), " ", grad.sizes(), " for param ", param.device(), " ", param.scalar_type(), " ",
               param.sizes());
   TORCH_CHECK(param.is_contiguous() && grad.is_contiguous(), "masked_sgd_: param and grad must be contiguous");
-  TORCH_CHECK(mode >= 0 && mode <= 5, "masked_sgd_: mode must be in 0..5 (dense, uniform, uniform unbiased, amss, amss+, scale), got ",
+  TORCH_CHECK(mode_valid(mode), "masked_sgd_: mode must be in 0..5 (dense, uniform, uniform unbiased, amss, amss+, scale), got ",
               mode);
   TORCH_CHECK(rate > 0 && rate <= 1, "masked_sgd_: rate must be in (0, 1], got ", rate);
   TORCH_CHECK(key >= 0, "masked_sgd_: key must be >= 0, got ", key);
@@ -790,7 +758,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tensor_scalars_cpu(const at::Tens
                                                                    double smoothing, int64_t max_iter, int64_t mode,
                                                                    bool channel) {
   TORCH_CHECK(grad_in.device().is_cpu(), "tensor_scalars: grad must be a CPU tensor, got ", grad_in.device());
-  TORCH_CHECK(mode >= 1 && mode <= 5, "tensor_scalars: mode must be in 1..5, got ", mode);
+  TORCH_CHECK(mode_valid(mode) && mode != kDense, "tensor_scalars: mode must be in 1..5, got ", mode);
   TORCH_CHECK(rate > 0 && rate <= 1, "tensor_scalars: rate must be in (0, 1], got ", rate);
   const at::Tensor grad = grad_in.contiguous();
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
@@ -830,7 +798,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tensor_scalars_cpu(const at::Tens
 }
 
 // The uniforms of units 0 .. n-1 under key, through the same code path as the fused step.
-at::Tensor& philox_uniform_cpu(at::Tensor& out, int64_t key) {
+void philox_uniform_cpu(at::Tensor& out, int64_t key) {
   TORCH_CHECK(out.scalar_type() == at::kFloat, "philox_uniform_: out must be float32, got ", out.scalar_type());
   TORCH_CHECK(out.is_contiguous(), "philox_uniform_: out must be contiguous");
   TORCH_CHECK(key >= 0, "philox_uniform_: key must be >= 0, got ", key);
@@ -845,7 +813,6 @@ at::Tensor& philox_uniform_cpu(at::Tensor& out, int64_t key) {
       std::copy(u, u + len, data + begin);
     }
   });
-  return out;
 }
 
 }  // namespace

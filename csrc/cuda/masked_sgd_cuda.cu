@@ -18,11 +18,12 @@
 // never waits. The reductions are two-level with a grid that depends on the unit count only (no
 // float atomics), so stage-1 scalars are deterministic. The kept count is an integer atomicAdd.
 //
-// Bit parity with the reference: s = g*g and q = alpha*s + beta use __fmul_rn/__fadd_rn (no FMA
-// contraction), 1/q uses __frcp_rn/__drcp_rn (IEEE reciprocal, as torch's reciprocal), the uniform
-// is Triton's word-to-float map converted exactly to the compute dtype, keep = u < q, and
-// q = min(1, .) propagates NaN as torch.clamp_max does. The SGD arithmetic after masking is plain
-// and may be contracted into FMA, as torch's own add(x, alpha=a) kernels are.
+// Bit parity with the reference: the per-element math (q, the mask, the unit weight, the SGD update)
+// is csrc/masked_sgd_math.h, shared with the CPU kernels: s = g*g and q = alpha*s + beta use
+// __fmul_rn/__fadd_rn (no FMA contraction), 1/q uses __frcp_rn/__drcp_rn (IEEE reciprocal, as torch's
+// reciprocal), the uniform is Triton's word-to-float map converted exactly to the compute dtype,
+// keep = u < q, and q = min(1, .) propagates NaN as torch.clamp_max does. The SGD arithmetic after
+// masking is plain; setup.py builds with --fmad=false, so it is not contracted either.
 #include "masked_sgd_cuda.h"
 
 #include <cuda_bf16.h>
@@ -31,6 +32,7 @@
 
 #include <cstdint>
 
+#include "../masked_sgd_math.h"
 #include "../philox.h"
 
 namespace masked_optim {
@@ -76,16 +78,11 @@ struct FromAcc<__nv_bfloat16> {
   __device__ __forceinline__ static __nv_bfloat16 cvt(float x) { return __float2bfloat16_rn(x); }
 };
 
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+// mul_rn, add_rn and rcp_rn (exactly rounded, never contracted) come from masked_sgd_math.h.
 __device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
 __device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
 __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
 __device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
-__device__ __forceinline__ float rcp_rn(float a) { return __frcp_rn(a); }
-__device__ __forceinline__ double rcp_rn(double a) { return __drcp_rn(a); }
 
 template <typename T>
 __device__ __forceinline__ T infinity();
@@ -96,12 +93,6 @@ __device__ __forceinline__ float infinity<float>() {
 template <>
 __device__ __forceinline__ double infinity<double>() {
   return __longlong_as_double(0x7ff0000000000000LL);
-}
-
-// min(1, q) with NaN propagated (torch.clamp_max semantics): NaN > 1 is false.
-template <typename T>
-__device__ __forceinline__ T clamp_max_one(T q) {
-  return q > T(1) ? T(1) : q;
 }
 
 // Four consecutive values, for one vector load/store when aligned.
@@ -387,28 +378,17 @@ __global__ void fill_scalars_kernel(acc_t alpha, acc_t beta, acc_t* __restrict__
 // ---------------------------------------------------------------------------------------------
 // Stage 2 kernels
 
-template <typename acc_t>
-struct Hyper {
-  acc_t neg_lr, momentum, one_minus_dampening, weight_decay, rate;
-  uint64_t key;
-  bool uniform;   // q = rate (modes 1, 2)
-  bool unbiased;  // g~ = M g / q (modes 2, 4)
-  bool scale;     // g~ = rate * g, no mask (mode 5 with rate < 1)
-  bool has_weight_decay, has_momentum, first_step, nesterov, maximize;
-};
+// The hyper-parameters (Hyper), the inclusion probability, the unit weight and the SGD update of one
+// element are those of masked_sgd_math.h, shared with the CPU kernels.
 
-// torch.optim.SGD's update of one element from its masked gradient gm, in the compute dtype.
-// b holds the old buffer value on entry (unused on the first step) and the new one on exit.
+// h with [alpha, beta] read from device memory when q depends on the scores (modes amss / amss+).
 template <typename acc_t>
-__device__ __forceinline__ void sgd_math(const Hyper<acc_t>& h, acc_t gm, acc_t& p, acc_t& b) {
-  acc_t d = gm;
-  if (h.has_weight_decay) d = d + h.weight_decay * p;
-  if (h.has_momentum) {
-    // b.mul_(momentum) rounds on its own; add_(d, alpha=1 - dampening) may fuse.
-    b = h.first_step ? d : mul_rn(h.momentum, b) + h.one_minus_dampening * d;
-    d = h.nesterov ? d + h.momentum * b : b;
+__device__ __forceinline__ Hyper<acc_t> with_scalars(Hyper<acc_t> h, const acc_t* __restrict__ scalars) {
+  if (!h.fixed_q) {
+    h.alpha = scalars[0];
+    h.beta = scalars[1];
   }
-  p = p + h.neg_lr * d;
+  return h;
 }
 
 // Loads the up-to-4 elements [base, base + 4) of grad, param and (when read) buffer.
@@ -484,8 +464,7 @@ __global__ void __launch_bounds__(kUpdateThreads)
                               unsigned long long* __restrict__ kept, int64_t numel,
                               const Hyper<typename AccOf<scalar_t>::type> h) {
   using acc_t = typename AccOf<scalar_t>::type;
-  const acc_t alpha = h.uniform ? acc_t(0) : scalars[0];
-  const acc_t beta = h.uniform ? h.rate : scalars[1];
+  const Hyper<acc_t> hk = with_scalars(h, scalars);
   const bool read_buf = h.has_momentum && !h.first_step;
   const int64_t nquads = (numel + 3) / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -498,14 +477,11 @@ __global__ void __launch_bounds__(kUpdateThreads)
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
       if (base + w < numel) {
-        acc_t gv = h.maximize ? -g[w] : g[w];
-        // q = min(1, alpha * s + beta): a product and a sum, each rounded (no FMA), s = g*g rounded.
-        const acc_t q = h.uniform ? h.rate : clamp_max_one(add_rn(mul_rn(alpha, mul_rn(gv, gv)), beta));
-        const acc_t u = static_cast<acc_t>(uint32_to_uniform(r.v[w]));
-        const bool keep = u < q;
+        const acc_t gv = signed_grad(hk, g[w]);
+        const acc_t q = unit_probability(hk, mul_rn(gv, gv));  // s = g*g, rounded
+        const bool keep = keep_unit(uint32_to_uniform(r.v[w]), q);
         count += keep ? 1ull : 0ull;
-        const acc_t gm = keep ? (h.unbiased ? mul_rn(gv, rcp_rn(q)) : gv) : acc_t(0);
-        sgd_math(h, gm, p[w], b[w]);
+        sgd_update(hk, masked_value(gv, keep, unit_weight(hk, q)), p[w], b[w]);
       }
     }
     store4<scalar_t, kVec>(param, buf, h.has_momentum, base, numel, p, b);
@@ -513,15 +489,14 @@ __global__ void __launch_bounds__(kUpdateThreads)
   add_kept(count, kept);
 }
 
-// Channel granularity, sampled: per unit j, factor[j] = keep ? (unbiased ? 1/q : 1) : 0 (a kept
+// Channel granularity, sampled: per unit j, factor[j] = keep ? unit_weight (1/q or 1) : 0 (a kept
 // factor is >= 1, never 0) and the kept count. One Philox evaluation per quad of units.
 template <typename acc_t>
 __global__ void __launch_bounds__(kUpdateThreads)
     channel_sample_kernel(const acc_t* __restrict__ scores, const acc_t* __restrict__ scalars,
                           acc_t* __restrict__ factor, unsigned long long* __restrict__ kept, int64_t n_units,
                           const Hyper<acc_t> h) {
-  const acc_t alpha = h.uniform ? acc_t(0) : scalars[0];
-  const acc_t beta = h.uniform ? h.rate : scalars[1];
+  const Hyper<acc_t> hk = with_scalars(h, scalars);
   const int64_t nquads = (n_units + 3) / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   unsigned long long count = 0;
@@ -532,11 +507,10 @@ __global__ void __launch_bounds__(kUpdateThreads)
     for (int w = 0; w < 4; ++w) {
       const int64_t j = base + w;
       if (j < n_units) {
-        const acc_t q = h.uniform ? h.rate : clamp_max_one(add_rn(mul_rn(alpha, scores[j]), beta));
-        const acc_t u = static_cast<acc_t>(uint32_to_uniform(r.v[w]));
-        const bool keep = u < q;
+        const acc_t q = unit_probability(hk, hk.fixed_q ? acc_t(0) : scores[j]);  // uniform: no scores
+        const bool keep = keep_unit(uint32_to_uniform(r.v[w]), q);
         count += keep ? 1ull : 0ull;
-        factor[j] = keep ? (h.unbiased ? rcp_rn(q) : acc_t(1)) : acc_t(0);
+        factor[j] = keep ? unit_weight(hk, q) : acc_t(0);
       }
     }
   }
@@ -544,7 +518,8 @@ __global__ void __launch_bounds__(kUpdateThreads)
 }
 
 // SGD update with a per-unit factor (kFactor: channel granularity, g~ = factor > 0 ? g * factor : 0)
-// or dense (g~ = g; g~ = rate * g, rounded on its own as torch.mul, when h.scale). Grid-stride over
+// or unsampled (g~ = g * grad_scale: g exactly, or rate * g rounded on its own as torch.mul in mode
+// scale). Grid-stride over
 // quads of elements.
 template <typename scalar_t, bool kVec, bool kFactor>
 __global__ void __launch_bounds__(kUpdateThreads)
@@ -567,17 +542,17 @@ __global__ void __launch_bounds__(kUpdateThreads)
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
       if (base + w < numel) {
-        const acc_t gv = h.maximize ? -g[w] : g[w];
-        acc_t gm = h.scale ? mul_rn(gv, h.rate) : gv;
+        const acc_t gv = signed_grad(h, g[w]);
+        acc_t gm = masked_value(gv, true, h.grad_scale);
         if (kFactor) {
           const acc_t f = factor[j];
-          gm = f > acc_t(0) ? mul_rn(gv, f) : acc_t(0);
+          gm = masked_value(gv, f > acc_t(0), f);
           if (++r == inner) {
             r = 0;
             ++j;
           }
         }
-        sgd_math(h, gm, p[w], b[w]);
+        sgd_update(h, gm, p[w], b[w]);
       }
     }
     store4<scalar_t, kVec>(param, buf, h.has_momentum, base, numel, p, b);
@@ -745,7 +720,7 @@ cudaError_t launch_masked_sgd_update(const MaskedSgdArgs& a, cudaStream_t stream
   if (a.numel > 0 && (a.param == nullptr || a.grad == nullptr || (has_momentum && a.momentum_buffer == nullptr))) {
     return cudaErrorInvalidValue;
   }
-  const bool uniform = a.mode == kModeUniform || a.mode == kModeUniformUnbiased;
+  const bool uniform = mode_uniform(a.mode);
   if (a.sampled) {
     if (a.kept == nullptr || (!uniform && a.scalars == nullptr)) return cudaErrorInvalidValue;
     if (a.channel && (a.unit_factor == nullptr || (!uniform && a.scores == nullptr))) return cudaErrorInvalidValue;
@@ -754,21 +729,8 @@ cudaError_t launch_masked_sgd_update(const MaskedSgdArgs& a, cudaStream_t stream
   return dispatch_dtype(a.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = typename AccOf<scalar_t>::type;
-    Hyper<acc_t> h;
-    h.neg_lr = static_cast<acc_t>(-a.lr);
-    h.momentum = static_cast<acc_t>(a.momentum);
-    h.one_minus_dampening = static_cast<acc_t>(1.0 - a.dampening);
-    h.weight_decay = static_cast<acc_t>(a.weight_decay);
-    h.rate = static_cast<acc_t>(a.rate);
-    h.key = a.key;
-    h.uniform = uniform;
-    h.unbiased = a.mode == kModeUniformUnbiased || a.mode == kModeAmssPlus;
-    h.scale = !a.sampled && a.mode == kModeScale && a.rate < 1.0;
-    h.has_weight_decay = a.weight_decay != 0.0;
-    h.has_momentum = has_momentum;
-    h.first_step = a.first_step;
-    h.nesterov = a.nesterov;
-    h.maximize = a.maximize;
+    const Hyper<acc_t> h = make_hyper<acc_t>(a.mode, a.sampled, a.rate, a.key, a.lr, a.momentum, a.dampening,
+                                             a.weight_decay, a.nesterov, a.maximize, a.first_step);
 
     scalar_t* param = static_cast<scalar_t*>(a.param);
     const scalar_t* grad = static_cast<const scalar_t*>(a.grad);

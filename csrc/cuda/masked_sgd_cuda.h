@@ -12,20 +12,12 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../masked_sgd_math.h"  // Mode, Hyper and the math of one element
+
 namespace masked_optim {
 namespace cuda {
 
 enum class DType : int32_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
-
-// Masking modes of the op (kernel contract). kModeScale samples nothing: g~ = rate * g.
-enum Mode : int64_t {
-  kModeDense = 0,
-  kModeUniform = 1,
-  kModeUniformUnbiased = 2,
-  kModeAmss = 3,
-  kModeAmssPlus = 4,
-  kModeScale = 5
-};
 
 inline size_t acc_size(DType dtype) { return dtype == DType::kFloat64 ? sizeof(double) : sizeof(float); }
 
@@ -79,7 +71,7 @@ struct MaskedSgdArgs {
   int64_t inner = 1;  // numel / n_units
   uint64_t key = 0;
   double rate = 1.0;
-  int64_t mode = kModeDense;
+  int64_t mode = kDense;  // a masked_optim::Mode
   bool channel = false;
   bool sampled = false;  // false: plain SGD (g~ = g, or rate * g in mode scale), the counter is left alone
   double lr = 0.0, momentum = 0.0, dampening = 0.0, weight_decay = 0.0;

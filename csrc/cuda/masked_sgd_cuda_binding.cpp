@@ -1,5 +1,5 @@
-// CUDA implementation of masked_optim::masked_sgd_ (the schema is defined once, in the CPU sources,
-// with TORCH_LIBRARY; this file only registers the CUDA kernel). Validates the tensors, allocates the
+// CUDA implementation of masked_optim::masked_sgd_ (the schema is declared once, in
+// masked_optim/backends/_ops.py; this file only registers the CUDA kernel). Validates the tensors, allocates the
 // outputs and workspaces on the param's device and launches the kernels of masked_sgd_cuda.cu on
 // the current stream. Nothing here synchronises with the host: the kept count and [alpha, beta]
 // are returned as device tensors.
@@ -60,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_cuda(at::Tensor& param, const at::
               ", got ", grad.sizes());
   TORCH_CHECK(param.is_contiguous(), "masked_sgd_: param must be contiguous, got strides ", param.strides());
   TORCH_CHECK(grad.is_contiguous(), "masked_sgd_: grad must be contiguous, got strides ", grad.strides());
-  TORCH_CHECK(mode >= 0 && mode <= 5,
+  TORCH_CHECK(mode_valid(mode),
               "masked_sgd_: mode must be in 0..5 (0 dense, 1 uniform, 2 uniform unbiased, 3 amss, 4 amss+, 5 scale), got ",
               mode);
   TORCH_CHECK(rate > 0 && rate <= 1, "masked_sgd_: rate must be in (0, 1], got ", rate);
@@ -103,8 +103,8 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_cuda(at::Tensor& param, const at::
 
   // ---- outputs (fills are device kernels: no host synchronisation)
   // Mode scale samples nothing: like dense ([alpha, beta] = [0, 1], every unit kept), with g~ = rate * g.
-  const bool sampled = mode != cuda::kModeDense && mode != cuda::kModeScale && rate < 1.0 && n_units > 0;
-  const bool uniform = mode == cuda::kModeUniform || mode == cuda::kModeUniformUnbiased;
+  const bool sampled = step_sampled(mode, rate, n_units);
+  const bool uniform = mode_uniform(mode);
   const auto long_opts = param.options().dtype(at::kLong);
   at::Tensor kept = at::scalar_tensor(sampled ? int64_t{0} : n_units, long_opts);
   at::Tensor out_scalars = at::empty({2}, param.options().dtype(acc_type));

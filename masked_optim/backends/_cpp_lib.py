@@ -28,6 +28,13 @@ def _load() -> None:
     try:
         import torch  # noqa: F401  (the extension links against libtorch)
 
+        # The op schemas and fake kernels: declared before the library registers implementations.
+        from . import _ops  # noqa: F401
+
+        stale = _stale_build()
+        if stale is not None:
+            _REASON = stale
+            return
         _LIB = importlib.import_module("masked_optim._C")
     except ImportError as exc:
         _REASON = (
@@ -35,7 +42,36 @@ def _load() -> None:
             "build it with `pip install --no-build-isolation -e .` after installing torch"
         )
         return
-    from . import _fake  # noqa: F401  (register fake kernels for torch.compile / meta tensors)
+
+
+# A library built before the schemas moved to _ops.py defines them again with TORCH_LIBRARY, which
+# the dispatcher refuses in a static initialiser: the process would abort on import.
+_OLD_SCHEMA = b"masked_sgd_(Tensor(a!) param"
+
+
+def _stale_build() -> str | None:
+    """Why the built masked_optim._C must not be loaded (it predates _ops.py), or None."""
+    import importlib.util
+    import mmap
+
+    try:
+        spec = importlib.util.find_spec("masked_optim._C")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        return None  # the import below reports it
+    try:
+        with open(spec.origin, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            found = m.find(_OLD_SCHEMA) != -1
+    except (OSError, ValueError):
+        return None
+    if not found:
+        return None
+    return (
+        f"{spec.origin} was built from older sources that define the op schemas in C++ (now declared in "
+        "masked_optim/backends/_ops.py); loading it would abort the process. Rebuild it: "
+        "`python setup.py build_ext --inplace` or `pip install --no-build-isolation -e .`"
+    )
 
 
 def available() -> bool:

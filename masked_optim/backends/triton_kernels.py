@@ -31,6 +31,12 @@ Runtime scalars (lr, momentum, dampening, weight decay, key, ...) are kernel arg
 rounded once to the compute dtype inside the kernel (as torch rounds a Python scalar), and
 ``[alpha, beta]`` is read from device memory.
 
+The op ``masked_optim::masked_sgd_triton_`` (schema and fake kernel in
+:mod:`masked_optim.backends._ops`, shared with ``masked_sgd_``) is implemented by this module for CUDA
+tensors, and for CPU tensors under ``TRITON_INTERPRET=1``, once it is imported (never at package
+import: the backend selection imports it lazily). :func:`masked_sgd_triton_` is the same step called
+directly, with a ``block`` argument and ``ValueError`` for invalid arguments.
+
 Importing this module never fails: without triton, :func:`triton_available` says why.
 """
 
@@ -46,15 +52,23 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..modes import Mode
+from . import _ops
+
 __all__ = [
     "TRITON_IMPORT_ERROR",
     "triton_available",
     "masked_sgd_triton_",
     "compile_for_gpu",
-    "MODES",
+    "OP",
+    "OP_BLOCK",
 ]
 
-MODES = {0: "none", 1: "uniform", 2: "uniform unbiased", 3: "amss", 4: "amss+", 5: "scale"}
+# The op masked_optim::masked_sgd_triton_ (schema and fake kernel: masked_optim/backends/_ops.py),
+# implemented below for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) once triton imports.
+OP = f"{_ops.NAMESPACE}::masked_sgd_triton_"
+# The block size of the op's launches (the op's schema has no block argument; masked_sgd_triton_ does).
+OP_BLOCK = 1024
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 try:  # pragma: no cover - exercised through both branches in CI
@@ -68,6 +82,14 @@ except Exception as exc:  # ImportError, or a broken install raising anything el
     TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 _INTERPRETED = False  # set below once the kernels exist
+
+if triton is not None:
+    # The mode codes as compile-time constants of the kernels (globals a @triton.jit function may read).
+    _DENSE = tl.constexpr(int(Mode.DENSE))
+    _UNIFORM = tl.constexpr(int(Mode.UNIFORM))
+    _UNIFORM_UNBIASED = tl.constexpr(int(Mode.UNIFORM_UNBIASED))
+    _AMSS_PLUS = tl.constexpr(int(Mode.AMSS_PLUS))
+    _SCALE = tl.constexpr(int(Mode.SCALE))
 
 
 def triton_available() -> tuple[bool, Optional[str]]:
@@ -213,10 +235,10 @@ if triton is not None:
         if MAXIMIZE:
             g = -g
 
-        if MODE == 5:
+        if MODE == _SCALE:
             # scale: g~ = rate * g, no mask (the product is rounded: enable_fp_fusion=False)
             g = g * tl.full((), grad_scale, cdt)
-        elif MODE != 0:
+        elif MODE != _DENSE:
             if CHANNEL:
                 j = offs // inner
                 counter = j // 4
@@ -233,7 +255,7 @@ if triton is not None:
                     tl.where(w[None, :] == 1, u1[:, None], tl.where(w[None, :] == 2, u2[:, None], u3[:, None])),
                 )
             beta = tl.load(scalars_ptr + 1)
-            if MODE == 1 or MODE == 2:
+            if MODE == _UNIFORM or MODE == _UNIFORM_UNBIASED:
                 q = tl.minimum(tl.zeros_like(g) + beta, 1.0, propagate_nan=tl.PropagateNan.ALL)
             else:
                 alpha = tl.load(scalars_ptr)
@@ -245,7 +267,7 @@ if triton is not None:
                 lin = prod + beta
                 q = tl.minimum(lin, 1.0, propagate_nan=tl.PropagateNan.ALL)
             keep = u.to(cdt) < q
-            if MODE == 2 or MODE == 4:
+            if MODE == _UNIFORM_UNBIASED or MODE == _AMSS_PLUS:
                 if F64:
                     inv_q = 1.0 / q
                 else:
@@ -316,8 +338,9 @@ def _validate(param, grad, momentum_buffer, scores, scalars, key, rate, smoothin
             raise ValueError(f"{fn}: {name}.dtype must equal param.dtype ({param.dtype}), got {t.dtype}")
         if t.device != param.device:
             raise ValueError(f"{fn}: {name}.device must equal param.device ({param.device}), got {t.device}")
-    if isinstance(mode, bool) or not isinstance(mode, int) or mode not in MODES:
-        raise ValueError(f"{fn}: mode must be an int in 0..5 ({MODES}), got {mode!r}")
+    if isinstance(mode, bool) or not isinstance(mode, int) or mode not in set(Mode):
+        modes = ", ".join(f"{m.value} {m.name.lower()}" for m in Mode)
+        raise ValueError(f"{fn}: mode must be an int in 0..5 ({modes}), got {mode!r}")
     if not isinstance(channel, bool):
         raise ValueError(f"{fn}: channel must be a bool, got {channel!r}")
     if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < 2**63:
@@ -463,6 +486,15 @@ def masked_sgd_triton_(
                                 maximize, first_step, block)
 
 
+def _masked_sgd_op(param, grad, momentum_buffer, scores, scalars, key, rate, smoothing, max_iter, mode, channel, lr,
+                   momentum, dampening, weight_decay, nesterov, maximize, first_step):
+    """The implementation of the op masked_optim::masked_sgd_triton_: :func:`masked_sgd_triton_` with
+    ``block=OP_BLOCK``."""
+    return masked_sgd_triton_(param, grad, momentum_buffer, scores, scalars, key, rate, smoothing, max_iter, mode,
+                              channel, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
+                              block=OP_BLOCK)
+
+
 def _device_guard(device: torch.device):
     if device.type == "cuda":
         return torch.cuda.device(device)
@@ -480,12 +512,13 @@ def _masked_sgd_impl(param, grad, momentum_buffer, scores, scalars, key, rate, s
     inner = numel // n_units if n_units > 0 else 0
 
     # ---- stage 1: [alpha, beta]
-    if mode in (0, 5):  # dense and scale: q = 1 (given scalars are ignored, as the C++/CUDA kernels do)
+    mode = Mode(mode)
+    if not mode.sampled:  # dense and scale: q = 1 (given scalars are ignored, as the C++/CUDA kernels do)
         out_scalars = torch.ones(2, dtype=cdtype, device=device)
         out_scalars[:1].zero_()
     elif scalars is not None:
-        out_scalars = scalars.reshape(2)
-    elif mode in (1, 2):
+        out_scalars = scalars.reshape(2).clone()  # a new tensor, never a view of an input (the op's schema)
+    elif not mode.importance:  # uniform: q = rate
         out_scalars = torch.full((2,), float(rate), dtype=cdtype, device=device)
         out_scalars[:1].zero_()
     elif numel == 0:
@@ -501,14 +534,14 @@ def _masked_sgd_impl(param, grad, momentum_buffer, scores, scalars, key, rate, s
         out_scalars = _element_stage1(grad, numel, rate, smoothing, max_iter, block)
 
     if numel == 0:  # scale keeps its (possibly empty) units: (4, 0) per channel is 4 units
-        return torch.full((), n_units if mode == 5 else 0, dtype=torch.int64, device=device), out_scalars
+        return torch.full((), n_units if mode == Mode.SCALE else 0, dtype=torch.int64, device=device), out_scalars
 
-    if mode in (3, 4) and channel_units and scores is None:
+    if mode.importance and channel_units and scores is None:
         scores = _channel_scores(grad, n_units, inner, block)
 
     # ---- stage 2
     grid = _cdiv(numel, block)
-    sampled = mode not in (0, 5)
+    sampled = mode.sampled
     pkept = torch.empty(grid if sampled else 1, dtype=torch.int32, device=device)
     scalars_arg = out_scalars if out_scalars.is_contiguous() else out_scalars.contiguous()
     has_momentum = momentum != 0
@@ -526,10 +559,10 @@ def _masked_sgd_impl(param, grad, momentum_buffer, scores, scalars, key, rate, s
         float(momentum),
         1.0 - float(dampening),
         float(weight_decay),
-        float(rate) if mode == 5 else 1.0,
+        float(rate) if mode == Mode.SCALE else 1.0,
         BLOCK=block,
-        MODE=mode,
-        CHANNEL=channel_units and mode != 5,  # one scale variant: granularity does not change it
+        MODE=int(mode),
+        CHANNEL=channel_units and mode != Mode.SCALE,  # one scale variant: granularity does not change it
         HAS_WD=weight_decay != 0,
         HAS_MOMENTUM=has_momentum,
         FIRST_STEP=bool(first_step),
@@ -543,6 +576,12 @@ def _masked_sgd_impl(param, grad, momentum_buffer, scores, scalars, key, rate, s
     else:
         kept = pkept.sum(dtype=torch.int64)
     return kept, out_scalars
+
+
+if triton is not None:  # the op's kernels: CUDA tensors, and CPU tensors in the interpreter only
+    _ops.LIB.impl("masked_sgd_triton_", _masked_sgd_op, "CUDA")
+    if _INTERPRETED:
+        _ops.LIB.impl("masked_sgd_triton_", _masked_sgd_op, "CPU")
 
 
 # ------------------------------------------------------------------------------ offline compilation
@@ -574,11 +613,11 @@ def _compile_specs(dtype: torch.dtype):
     for flag in ("BLOCK", "MODE", "CHANNEL", "HAS_WD", "HAS_MOMENTUM", "FIRST_STEP", "NESTEROV", "MAXIMIZE", "F64"):
         sgd_sig[flag] = "constexpr"
     for channel in (False, True):
-        consts = dict(BLOCK=1024, MODE=4, CHANNEL=channel, HAS_WD=True, HAS_MOMENTUM=True, FIRST_STEP=False,
+        consts = dict(BLOCK=1024, MODE=int(Mode.AMSS_PLUS), CHANNEL=channel, HAS_WD=True, HAS_MOMENTUM=True, FIRST_STEP=False,
                       NESTEROV=True, MAXIMIZE=False, F64=f64)
         specs.append((f"masked_sgd_{'channel' if channel else 'element'}", _masked_sgd_kernel, sgd_sig, consts))
     # mode 5 (scale) is its own specialisation; channel has no effect on it, so one variant
-    consts = dict(BLOCK=1024, MODE=5, CHANNEL=False, HAS_WD=True, HAS_MOMENTUM=True, FIRST_STEP=False,
+    consts = dict(BLOCK=1024, MODE=int(Mode.SCALE), CHANNEL=False, HAS_WD=True, HAS_MOMENTUM=True, FIRST_STEP=False,
                   NESTEROV=True, MAXIMIZE=True, F64=f64)
     specs.append(("masked_sgd_scale", _masked_sgd_kernel, sgd_sig, consts))
     return specs

@@ -1,7 +1,9 @@
-// CPU kernels of masked_optim, registered as torch.library ops under the `masked_optim` namespace.
-// This file defines every op schema once (TORCH_LIBRARY) and the module entry point; kernels register
-// their implementations per device (masked_sgd_cpu.cpp, cuda/). The Philox uniform generator here must
-// be bit-identical to the pure-PyTorch reference (masked_optim/rng.py) and to Triton's tl.rand4x.
+// The Python module masked_optim._C and the device-neutral parts of the extension.
+// The op schemas (masked_sgd_, tensor_scalars, philox_uniform_) are declared once, in Python, with
+// their fake kernels beside them (masked_optim/backends/_ops.py, imported before this library loads);
+// the C++ sources only register implementations per device (TORCH_LIBRARY_IMPL in
+// csrc/cpu/masked_sgd_cpu.cpp and csrc/cuda/masked_sgd_cuda_binding.cpp). build_info, which no other
+// language implements, is declared and implemented here, in a fragment of the same namespace.
 #include <Python.h>
 
 #include <torch/headeronly/version.h>
@@ -52,22 +54,12 @@ std::string build_info() {
 
 }  // namespace
 
-TORCH_LIBRARY(masked_optim, m) {
-  m.def("philox_uniform_(Tensor(a!) out, int key) -> Tensor(a!)");
-  // The masked SGD step of one tensor (kernel contract: see masked_optim/backends/__init__.py).
-  m.def(
-      "masked_sgd_(Tensor(a!) param, Tensor grad, Tensor(b!) momentum_buffer, Tensor? scores, Tensor? scalars, "
-      "int key, float rate, float smoothing, int max_iter, int mode, bool channel, float lr, float momentum, "
-      "float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step) -> (Tensor, Tensor)");
-  // Its stage 1 alone: ([alpha, beta], unit scores or empty, sum of g^2), for all-or-nothing steps.
-  m.def("tensor_scalars(Tensor grad, float rate, float smoothing, int max_iter, int mode, bool channel) -> (Tensor, Tensor, Tensor)");
-  m.def("build_info() -> str", &build_info);
-}
+TORCH_LIBRARY_FRAGMENT(masked_optim, m) { m.def("build_info() -> str", &build_info); }
 
 
 }  // namespace masked_optim
 
-// `import masked_optim._C` loads this library, which registers the ops above.
+// `import masked_optim._C` loads this library, which registers build_info and the kernels.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "masked_optim compiled kernels", -1, nullptr};
   return PyModule_Create(&module);
