@@ -709,7 +709,7 @@ def test_dispatch_runs_the_resolved_backend_and_matches_masked_sgd(backend, mask
     assert asked == ([(backend, torch.device("cpu"), "poisson")] * 2 if sparse else [])  # dense: no resolving
     assert [b.name for b in batch.backends] == [backend if sparse else "reference"] * 2
     assert len(probes.local) == 2 and all(bool(torch.isfinite(p)) for p in probes.local) and not probes.sharded
-    assert len(probes.scored) == (2 if mask in ("uniform", "amss", "amss+") else 0)
+    assert [j for j, _ in probes.scored] == ([0, 1] if mask in ("uniform", "amss", "amss+") else [])
     kept = masked_sgd_step(batch)
     assert all(b is not None and b.shape == p.shape for b, p in zip(batch.momentum_buffers, batch.params))
     tol = TOLERANCES[torch.float32] if backend != "reference" else dict(rtol=0, atol=0)
@@ -745,6 +745,7 @@ def test_dispatch_probes_flag_nan_and_overflowing_squares(backend):
     probes = prepare([first, second], lambda requested, device, sampler: requested, check=True)
     finite = [bool(torch.isfinite(p)) for p in probes.local]
     assert finite == [True, False, False] + ([True] if backend == "cpp" else [])  # cpp probes empty gradients too
+    assert [j for j, _ in probes.scored] == [0, 1, 2]  # positions among every group's gradients; empty ones skipped
     # nonfinite="ignore": nothing probed, nothing prepared (the kernels compute their own stage 1)
     probes = prepare([_batch("amss+", backend=backend)], lambda *a: backend, check=False)
     assert probes.local == [] and probes.scored == []
@@ -756,3 +757,26 @@ def test_dispatch_backend_objects_are_shared_and_names_are_checked():
     assert backend_named("reference") is backend_named("reference")
     with pytest.raises(ValueError, match="Invalid backend: 'auto'"):
         backend_named("auto")
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+def test_overflowing_square_names_its_parameter_in_any_group(backend):
+    """The overflow check names the parameter by its index, also outside the last param group
+    (it used to be shifted by the number of gradients of the groups after it)."""
+    a, v, h = two_modality_params()
+    opt = MaskedMultiModalSGD(groups(a, v, h), lr=0.1, mask="amss+", backend=backend, nonfinite="skip")
+    opt.set_rates({"audio": 0.5, "video": 0.5})
+    params = a + v + h
+    for bad in (1, 2):  # audio's second tensor, then video's only one
+        fill_grads(params, 0)
+        with torch.no_grad():
+            params[bad].grad.view(-1)[0] = 1e30  # finite, but its square overflows float32
+        a[0].grad = None if bad == 2 else a[0].grad  # indices count parameters without a gradient too
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        s = opt.last_step_stats()
+        assert s.skipped and s.nonfinite_params == (bad,)
+        assert all(torch.equal(p, q) for p, q in zip(params, before))
+    opt.nonfinite = "raise"
+    with pytest.raises(FloatingPointError, match=r"Gradient too large in parameters \[2\]"):
+        opt.step()

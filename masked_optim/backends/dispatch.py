@@ -253,9 +253,8 @@ def prepare(batches: list[GroupTensors], resolve: Resolver, check: bool) -> Prob
     visited in order, so the sharded probes are in the same order on every rank.
     """
     probes = Probes()
-    total = sum(len(batch.grads) for batch in batches)
+    offset = 0  # position of the group's first gradient among all groups' gradients
     for batch in batches:
-        offset = total - len(batch.grads)  # as before this module: TODO the position of the group's first gradient
         _route(batch, resolve)
         batch.prepared = [None] * len(batch.params)
         for i, backend in enumerate(batch.backends if check else ()):
@@ -266,6 +265,7 @@ def prepare(batches: list[GroupTensors], resolve: Resolver, check: bool) -> Prob
                 probes.local.append(probe)
             if batch.sparse and batch.mode.sampled and batch.grads[i].numel():
                 probes.scored.append((offset + i, batch.grads[i]))
+        offset += len(batch.grads)
     return probes
 
 
