@@ -47,10 +47,12 @@ class GroupTensors:
     ``params`` are the group's parameters (DTensors for sharded ones) and ``local_params``,
     ``grads`` and ``momentum_buffers`` their local tensors (the buffer None before the first step
     with momentum); ``keys`` the Philox keys of this step, ``shards`` where each local shard sits
-    (None when the tensor is all here). ``mode``: the group's kernel mode. ``masked``: the group
+    (None when the tensor is all here). ``options``: the param group (``lr``, ``mask``, ...);
+    ``rate``: the keep rate of this step; ``mode``: the group's kernel mode. ``masked``: the group
     masks (a modality's group with ``masked=True`` and a mask other than ``"none"``); ``sparse``:
-    masked at a rate below 1, i.e. something to sample or scale (otherwise the step is plain SGD). :func:`prepare` fills ``backends`` and
-    ``prepared``; :func:`masked_sgd_step` replaces ``momentum_buffers`` by the buffers it wrote.
+    masked at a rate below 1, i.e. something to sample or scale (otherwise the step is plain SGD).
+    :func:`prepare` fills ``backends`` and ``prepared``; :func:`masked_sgd_step` replaces
+    ``momentum_buffers`` by the buffers it wrote.
     """
 
     options: Mapping[str, Any]
