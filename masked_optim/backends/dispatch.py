@@ -176,7 +176,7 @@ class FusedBackend(Backend):
     def run(self, batch, idx, bufs):
         """One kernel call per tensor; non-contiguous tensors go through contiguous copies."""
         o = batch.options
-        momentum = o["momentum"]
+        momentum, kernel = o["momentum"], self.kernel
         counts = []
         for j, i in enumerate(idx):
             p, g = batch.local_params[i], batch.grads[i]
@@ -191,7 +191,7 @@ class FusedBackend(Backend):
             else:
                 buf = pc.new_empty(0)
             scalars, scores = batch.prepared[i] if batch.prepared and batch.prepared[i] is not None else (None, None)
-            kept, _ = self.kernel(
+            kept, _ = kernel(
                 pc, g.contiguous(), buf, scores, scalars, batch.keys[i], float(batch.rate), float(o["smoothing"]),
                 WATERFILL_MAX_ITER, int(batch.mode), o["granularity"] == "channel", float(o["lr"]), float(momentum),
                 float(o["dampening"]), float(o["weight_decay"]), o["nesterov"], o["maximize"], first,
