@@ -12,8 +12,10 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .backends import BACKENDS, MODE_CODES, BackendUnavailable, kernel_for, resolve_backend
-from .functional import GRANULARITIES, MASKS, SAMPLERS, WATERFILL_MAX_ITER, ShardSpec, _compute_dtype, _num_units, masked_sgd
+from .backends import BACKENDS, SHARDED_BACKENDS, BackendUnavailable, resolve_backend
+from .backends.dispatch import REFERENCE, GroupTensors, Probes, effective_sampler, masked_sgd_step, prepare
+from .functional import GRANULARITIES, MASKS, SAMPLERS, ShardSpec, _compute_dtype, _num_units
+from .modes import Mode
 from .rng import derive_key
 
 try:  # torch built without distributed support has no DTensor
@@ -97,14 +99,7 @@ def _check_rate(name: str, value: Any) -> float:
 
 
 def _sampler(group: Mapping[str, Any]) -> str:
-    """The sampler that matters for backend selection: ``mask="scale"`` samples nothing, so its
-    ``sampler`` option is ignored (the fused kernels run it even with ``sampler="multinomial"``)."""
-    return "poisson" if group["mask"] == "scale" else group["sampler"]
-
-
-def _mode_code(group: Mapping[str, Any]) -> int:
-    unbiased = group["unbiased"] if group["unbiased"] is not None else group["mask"] == "amss+"
-    return MODE_CODES[(group["mask"], unbiased)]
+    return effective_sampler(group["mask"], group["sampler"])
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -360,7 +355,7 @@ class MaskedMultiModalSGD(Optimizer):
             param_group.setdefault(name, default)
         self._validate_group(param_group, where=f"param group {group_index}: ")
         if any(_is_dtensor(p) for p in params):
-            if param_group["backend"] not in ("auto", "reference"):
+            if param_group["backend"] not in SHARDED_BACKENDS:
                 raise BackendUnavailable(
                     f"backend {param_group['backend']!r} cannot update sharded (DTensor, FSDP) parameters of "
                     f"param group {group_index}: the fused kernels take no global unit offset yet; use "
@@ -509,132 +504,87 @@ class MaskedMultiModalSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        plan = []
-        all_grads = []
-        reducers: dict = {}
-        index = -1
+        batches, reducers, index = [], {}, 0
         for gi, group in enumerate(self.param_groups):
-            params, local_params, grads, bufs, keys, shards = [], [], [], [], [], []
-            for p in group["params"]:
-                index += 1
-                if p.grad is None:
-                    continue
-                if p.grad.layout != torch.strided:
-                    raise ValueError(
-                        f"Invalid gradient of parameter {index} (param group {gi}, shape {tuple(p.shape)}): "
-                        f"layout {p.grad.layout}; allowed: dense (torch.strided) gradients "
-                        "(use nn.Embedding(sparse=False) or torch.optim.SparseAdam)"
-                    )
-                state = self.state[p]
-                params.append(p)
-                local_params.append(_local(p))
-                grads.append(_local(p.grad))
-                bufs.append(_local(state.get("momentum_buffer")))
-                keys.append(derive_key(group["seed"], state.get("step", 0), index))
-                shards.append(_shard_spec(p, group["granularity"], index, reducers) if _is_dtensor(p) else None)
-            all_grads.extend(grads)
-            plan.append((group, params, local_params, grads, bufs, keys, shards))
+            batches.append(self._init_group(gi, group, index, overrides, reducers))
+            index += len(group["params"])
+        # Pick each tensor's backend and run its preparation (the cpp stage 1), which yields the
+        # non-finite probes: nothing is updated unless every gradient passes.
+        probes = prepare(batches, self._resolve, check=self.nonfinite != "ignore")
+        verdict = self._nonfinite_verdict(batches, probes)
+        if verdict is not None:
+            return self._nonfinite_step(loss, **verdict)
 
-        # Phase 1: decide each tensor's backend; run the fused stage 1 (per-tensor scalars) of the
-        # cpp tensors, whose sum of g^2 doubles as their non-finite check, and probe the others
-        # (mask="scale" has no stage 1: its cpp tensors get the one-pass min + max probe too).
-        # Probes of sharded tensors are summed over their shards, so that every rank decides alike.
-        check = self.nonfinite != "ignore"
-        probes: list[Tensor] = []
-        scored: list[tuple[int, Tensor]] = []  # (position in all_grads, grad) of tensors sampled by importance
-        shard_probes: dict[Callable, list[Tensor]] = {}
-        routed = []
-        for group, params, local_params, grads, bufs, keys, shards in plan:
-            modality = group["modality"]
-            dense = modality is None or not group["masked"] or group["mask"] == "none"
-            rate = 1.0 if modality is None else overrides.get(modality, group["rate"])
-            sparse_rate = not dense and rate < 1.0
-            names = [
-                self._resolve(group["backend"], p.device, _sampler(group)) if sparse_rate and not _is_dtensor(p) else "reference"
-                for p in params
-            ]
-            prepared: list = [None] * len(params)
-            for i, g in enumerate(grads):
-                if check and shards[i] is not None:
-                    low, high = torch.aminmax(g) if g.numel() else (g.new_zeros(()), g.new_zeros(()))
-                    shard_probes.setdefault(shards[i].all_reduce, []).append(low.double() + high.double())
-                elif check and names[i] == "cpp" and group["mask"] != "scale":
-                    scalars, scores, sumsq = torch.ops.masked_optim.tensor_scalars(
-                        g, float(rate), float(group["smoothing"]), WATERFILL_MAX_ITER, _mode_code(group),
-                        group["granularity"] == "channel",
-                    )
-                    prepared[i] = (scalars, scores if scores.numel() else None)
-                    probes.append(sumsq)
-                elif check and g.numel():
-                    low, high = torch.aminmax(g)
-                    probe = low.double() + high.double()  # NaN or +-Inf iff g has one
-                    if sparse_rate and group["mask"] != "scale":  # ... or iff g**2 overflows (the importance)
-                        peak = torch.maximum(low.abs(), high.abs()).to(_compute_dtype(g.dtype))
-                        probe = probe + (peak * peak * 0).double()
-                    probes.append(probe)
-                if check and sparse_rate and group["mask"] != "scale" and g.numel():
-                    scored.append((len(all_grads) - len(grads) + i, g))
-            routed.append((group, params, local_params, grads, bufs, keys, shards, dense, rate, sparse_rate, names, prepared))
-        if probes and not all(bool(torch.isfinite(torch.stack(ps)).all()) for ps in _by_device(probes)):
-            if any(not bool(torch.isfinite(g).all()) for g in all_grads):  # not just a sum that overflowed
-                return self._nonfinite_step(loss)
-            # Finite gradients whose squares overflow: the importance g**2 would be inf and q NaN,
-            # which would silently freeze the tensor. (A sum of squares that overflows is harmless.)
-            huge = [j for j, g in scored if bool(torch.isinf(g.abs().max().to(_compute_dtype(g.dtype)).square()))]
-            if huge:
-                return self._nonfinite_step(loss, overflow=huge)
-        for all_reduce, ps in shard_probes.items():  # the same all-reduces, in the same order, on every rank
-            if not bool(torch.isfinite(all_reduce(torch.stack(ps), "sum")).all()):
-                return self._nonfinite_step(loss, sharded=True)
-
-        # Phase 2: the updates.
         records = []
-        for group, params, local_params, grads, bufs, keys, shards, dense, rate, sparse_rate, names, prepared in routed:
-            modality = group["modality"]
-            kept: list = [None] * len(params)
-            by_backend: dict[str, list[int]] = {}
-            for i, name in enumerate(names):
-                by_backend.setdefault(name, []).append(i)
-            for name, idx in by_backend.items():
-                sub = (
-                    [local_params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx], [keys[i] for i in idx]
-                )
-                if name == "reference":
-                    counts = masked_sgd(
-                        *sub,
-                        lr=group["lr"],
-                        momentum=group["momentum"],
-                        dampening=group["dampening"],
-                        weight_decay=group["weight_decay"],
-                        nesterov=group["nesterov"],
-                        maximize=group["maximize"],
-                        mask=group["mask"] if sparse_rate else "none",
-                        rate=rate if sparse_rate else 1.0,
-                        granularity=group["granularity"],
-                        smoothing=group["smoothing"],
-                        sampler=group["sampler"],
-                        unbiased=group["unbiased"],
-                        max_iter=WATERFILL_MAX_ITER,
-                        shards=[shards[i] for i in idx] if any(shards[i] is not None for i in idx) else None,
-                    )
-                else:
-                    counts = self._fused_step(kernel_for(name), group, rate, *sub, [prepared[i] for i in idx])
-                for j, i in enumerate(idx):
-                    kept[i] = counts[j]
-                    bufs[i] = sub[2][j]
-            for p, buf in zip(params, bufs):
-                state = self.state[p]
-                if group["momentum"] != 0 and _local(state.get("momentum_buffer")) is not buf:
-                    if _is_dtensor(p):  # a new buffer: stored sharded like its parameter
-                        buf = DTensor.from_local(
-                            buf, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
-                        )
-                    state["momentum_buffer"] = buf
-                state["step"] = state.get("step", 0) + 1
-            units = [_num_units(p.shape, group["granularity"]) for p in local_params]
-            records.append((modality, rate, dense, ",".join(sorted(by_backend)), kept, units))
+        for batch in batches:
+            kept = masked_sgd_step(batch)
+            self._store_state(batch)
+            units = [_num_units(p.shape, batch.options["granularity"]) for p in batch.local_params]
+            records.append((batch.options["modality"], batch.rate, not batch.masked, batch.backend_names, kept, units))
         self._last_stats = (records, False, ())
         return loss
+
+    def _init_group(self, gi: int, group: dict[str, Any], first_index: int, overrides: Mapping[str, float],
+                    reducers: dict) -> GroupTensors:
+        """The tensors of param group ``gi`` that have a gradient. ``first_index``: the index of the
+        group's first param among all params (with a gradient or not); ``(seed, step, index)`` keys
+        each tensor's Philox stream."""
+        params, local_params, grads, bufs, keys, shards = [], [], [], [], [], []
+        for index, p in enumerate(group["params"], start=first_index):
+            if p.grad is None:
+                continue
+            if p.grad.layout != torch.strided:
+                raise ValueError(
+                    f"Invalid gradient of parameter {index} (param group {gi}, shape {tuple(p.shape)}): "
+                    f"layout {p.grad.layout}; allowed: dense (torch.strided) gradients "
+                    "(use nn.Embedding(sparse=False) or torch.optim.SparseAdam)"
+                )
+            state = self.state[p]
+            params.append(p)
+            local_params.append(_local(p))
+            grads.append(_local(p.grad))
+            bufs.append(_local(state.get("momentum_buffer")))
+            keys.append(derive_key(group["seed"], state.get("step", 0), index))
+            shards.append(_shard_spec(p, group["granularity"], index, reducers) if _is_dtensor(p) else None)
+        modality = group["modality"]
+        rate = 1.0 if modality is None else overrides.get(modality, group["rate"])
+        mode = Mode.of(group["mask"], group["unbiased"])
+        masked = modality is not None and group["masked"] and mode is not Mode.DENSE
+        return GroupTensors(
+            group, params, local_params, grads, bufs, keys, shards, rate=rate, mode=mode, masked=masked,
+            sparse=masked and rate < 1.0,
+        )
+
+    def _store_state(self, batch: GroupTensors) -> None:
+        """Store the momentum buffers the step wrote (a new one sharded like its DTensor parameter)
+        and count the step of every tensor that had a gradient."""
+        for p, buf in zip(batch.params, batch.momentum_buffers):
+            state = self.state[p]
+            if batch.options["momentum"] != 0 and _local(state.get("momentum_buffer")) is not buf:
+                if _is_dtensor(p):
+                    buf = DTensor.from_local(buf, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+                state["momentum_buffer"] = buf
+            state["step"] = state.get("step", 0) + 1
+
+    @staticmethod
+    def _nonfinite_verdict(batches: list[GroupTensors], probes: Probes) -> Optional[dict[str, Any]]:
+        """None when the step may run, else the arguments of :meth:`_nonfinite_step`.
+
+        One host synchronisation per device when every probe is finite; the sharded probes are
+        summed over their shards, with the same all-reduces in the same order on every rank.
+        """
+        if probes.local and not all(bool(torch.isfinite(torch.stack(ps)).all()) for ps in _by_device(probes.local)):
+            if any(not bool(torch.isfinite(g).all()) for batch in batches for g in batch.grads):
+                return {}  # not just a sum that overflowed
+            # Finite gradients whose squares overflow: the importance g**2 would be inf and q NaN,
+            # which would silently freeze the tensor. (A sum of squares that overflows is harmless.)
+            huge = [j for j, g in probes.scored if bool(torch.isinf(g.abs().max().to(_compute_dtype(g.dtype)).square()))]
+            if huge:
+                return {"overflow": huge}
+        for all_reduce, ps in probes.sharded.items():  # the same all-reduces, in the same order, on every rank
+            if not bool(torch.isfinite(all_reduce(torch.stack(ps), "sum")).all()):
+                return {"sharded": True}
+        return None
 
     def _resolve(self, requested: str, device: torch.device, sampler: str) -> str:
         cache = self.__dict__.setdefault("_backend_cache", {})
@@ -642,37 +592,6 @@ class MaskedMultiModalSGD(Optimizer):
         if key not in cache:
             cache[key] = resolve_backend(requested, device, sampler)
         return cache[key]
-
-    @staticmethod
-    def _fused_step(kernel, group, rate, params, grads, bufs, keys, prepared) -> list[Tensor]:
-        """One kernel call per tensor; non-contiguous tensors go through contiguous copies.
-
-        ``prepared[i]`` is ``(scalars, scores)`` from a stage 1 already run, or None.
-        """
-        mode = _mode_code(group)
-        momentum = group["momentum"]
-        counts = []
-        for i, (p, g) in enumerate(zip(params, grads)):
-            pc = p if p.is_contiguous() else p.contiguous()
-            buf, first = bufs[i], False
-            if momentum != 0:
-                if buf is None:
-                    buf, first = torch.empty_like(pc, memory_format=torch.contiguous_format), True
-                elif not buf.is_contiguous():
-                    buf = buf.contiguous()
-                bufs[i] = buf
-            else:
-                buf = pc.new_empty(0)
-            scalars, scores = prepared[i] if prepared[i] is not None else (None, None)
-            kept, _ = kernel(
-                pc, g.contiguous(), buf, scores, scalars, keys[i], float(rate), float(group["smoothing"]),
-                WATERFILL_MAX_ITER, mode, group["granularity"] == "channel", float(group["lr"]), float(momentum),
-                float(group["dampening"]), float(group["weight_decay"]), group["nesterov"], group["maximize"], first,
-            )
-            if pc is not p:
-                p.copy_(pc)
-            counts.append(kept)
-        return counts
 
     def _nonfinite_step(self, loss, sharded: bool = False, overflow: Optional[list[int]] = None):
         bad = []
@@ -735,6 +654,6 @@ class MaskedMultiModalSGD(Optimizer):
                 kept_fraction=kept / total if total else 1.0,
                 kept_units=kept,
                 total_units=total,
-                backend=",".join(sorted(entry["backend"])) or "reference",
+                backend=",".join(sorted(entry["backend"])) or REFERENCE,
             )
         return StepStats(modalities=out, skipped=skipped, nonfinite_params=bad)

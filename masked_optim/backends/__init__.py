@@ -30,6 +30,12 @@ Mode 5 (``mask="scale"``) samples nothing and draws no random numbers: ``g~ = ra
 product rounded once in the compute dtype), then the same SGD update. ``scores``, ``scalars``,
 ``key``, ``smoothing``, ``max_iter`` and ``channel`` are ignored; it returns ``N`` kept units (every
 unit of the requested granularity) and ``[alpha, beta] = [0, 1]`` (``q = 1``), as the dense mode.
+
+:mod:`masked_optim.backends.dispatch` runs a param group's step on these backends:
+:func:`~masked_optim.backends.dispatch.prepare` picks each tensor's backend and runs its
+preparation (the cpp backend's stage 1 ``torch.ops.masked_optim.tensor_scalars``, whose sum of
+``g**2`` doubles as the non-finite check), then
+:func:`~masked_optim.backends.dispatch.masked_sgd_step` runs the kernels.
 """
 
 from __future__ import annotations
@@ -40,23 +46,30 @@ from typing import Callable, Optional
 
 import torch
 
+from ..modes import Mode
 from . import _cpp_lib
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
     "MODE_CODES",
+    "SHARDED_BACKENDS",
     "backend_status",
     "resolve_backend",
     "kernel_for",
     "extension_available",
     "extension_unavailable_reason",
+    "GroupTensors",
+    "prepare",
+    "masked_sgd_step",
 ]
 
 BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
 FUSED = ("cpp", "cuda", "triton")
-# (mask, unbiased) -> kernel mode
-MODE_CODES = {("uniform", False): 1, ("uniform", True): 2, ("amss", False): 3, ("amss+", True): 4, ("scale", False): 5}
+# The backends that can update sharded (DTensor, FSDP) parameters: only the reference takes a global unit offset.
+SHARDED_BACKENDS = ("auto", "reference")
+# (mask, unbiased) -> kernel mode of the masked modes; kept for compatibility, use masked_optim.modes.Mode.
+MODE_CODES = {(m.mask, m.unbiased): int(m) for m in Mode if m is not Mode.DENSE}
 
 extension_available = _cpp_lib.available
 extension_unavailable_reason = _cpp_lib.unavailable_reason
@@ -152,3 +165,6 @@ def kernel_for(name: str) -> Callable:
 
         return masked_sgd_triton_
     raise ValueError(f"Invalid fused backend: {name!r}; allowed: one of {FUSED}")
+
+
+from .dispatch import GroupTensors, masked_sgd_step, prepare  # noqa: E402  (dispatch uses the names above)

@@ -1,0 +1,290 @@
+"""One parameter group's masked step, dispatched per tensor to a backend (cf. ``torch.optim.sgd.sgd``).
+
+:class:`MaskedMultiModalSGD.step` gathers each param group's tensors into a :class:`GroupTensors`
+and hands it here, in two calls so that nothing is updated before every gradient is checked:
+
+1. :func:`prepare` (all groups at once): picks each tensor's backend and runs the backend's
+   preparation, which also yields the probe of the non-finite check (:class:`Probes`). The cpp
+   backend runs its fused stage 1 (``torch.ops.masked_optim.tensor_scalars``), whose float64 sum
+   of ``g**2`` is the probe and whose ``[alpha, beta]`` and scores the kernel then reuses; every
+   other backend (and ``mask="scale"``, which has no stage 1) probes with one ``aminmax``.
+2. :func:`masked_sgd_step` (per group, once the probes are all finite): runs each backend on its
+   tensors and returns the kept-unit counts.
+
+Tensors with nothing to mask (shared or ``masked=False`` groups, ``mask="none"``, rate 1) always
+run the reference, i.e. ``torch.optim.SGD``'s own ops, so that masking off is SGD bit for bit.
+Sharded (DTensor) tensors run the reference too: only it takes a global unit offset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..functional import WATERFILL_MAX_ITER, ShardSpec, _compute_dtype, masked_sgd
+from ..modes import Mode
+
+__all__ = ["GroupTensors", "Probes", "Backend", "backend_named", "effective_sampler", "prepare", "masked_sgd_step", "REFERENCE"]
+
+REFERENCE = "reference"  # what runs tensors with nothing to mask, and sharded tensors
+
+Resolver = Callable[[str, torch.device, str], str]  # (requested, device, sampler) -> backend name
+
+
+def effective_sampler(mask: str, sampler: str) -> str:
+    """The sampler that matters for backend selection: ``mask="scale"`` samples nothing, so its
+    ``sampler`` option is ignored (the fused kernels run it even with ``sampler="multinomial"``)."""
+    return "poisson" if mask == "scale" else sampler
+
+
+@dataclass
+class GroupTensors:
+    """The tensors of one param group that have a gradient, as one step sees them.
+
+    ``params`` are the group's parameters (DTensors for sharded ones) and ``local_params``,
+    ``grads`` and ``momentum_buffers`` their local tensors (the buffer None before the first step
+    with momentum); ``keys`` the Philox keys of this step, ``shards`` where each local shard sits
+    (None when the tensor is all here). ``options``: the param group (``lr``, ``mask``, ...);
+    ``rate``: the keep rate of this step; ``mode``: the group's kernel mode. ``masked``: the group
+    masks (a modality's group with ``masked=True`` and a mask other than ``"none"``); ``sparse``:
+    masked at a rate below 1, i.e. something to sample or scale (otherwise the step is plain SGD).
+    :func:`prepare` fills ``backends`` and ``prepared``; :func:`masked_sgd_step` replaces
+    ``momentum_buffers`` by the buffers it wrote.
+    """
+
+    options: Mapping[str, Any]
+    params: list[Tensor]
+    local_params: list[Tensor]
+    grads: list[Tensor]
+    momentum_buffers: list[Optional[Tensor]]
+    keys: list[int]
+    shards: list[Optional[ShardSpec]]
+    rate: float
+    mode: Mode
+    masked: bool
+    sparse: bool
+    backends: list["Backend"] = field(default_factory=list)
+    prepared: list[Optional[tuple[Tensor, Optional[Tensor]]]] = field(default_factory=list)
+
+    def is_distributed(self, i: int) -> bool:
+        """Whether tensor ``i`` is a DTensor (its local tensor is another object)."""
+        return self.local_params[i] is not self.params[i]
+
+    @property
+    def backend_names(self) -> str:
+        """The backends that ran, sorted and comma-separated ("" for a group without gradients)."""
+        return ",".join(sorted({b.name for b in self.backends}))
+
+
+@dataclass
+class Probes:
+    """What :func:`prepare` found out for the non-finite check.
+
+    ``local``: 0-d float64 tensors, each non-finite iff its gradient holds NaN or Inf (or, for
+    tensors sampled by importance, iff a square ``g**2`` overflows); ``sharded``: the same for
+    sharded tensors, per all-reduce function, to be summed over the shards (every rank holds them
+    in the same order); ``scored``: ``(position among all gradients, gradient)`` of the tensors
+    whose importance ``g**2`` is computed, for telling overflowing squares from NaN and Inf.
+    """
+
+    local: list[Tensor] = field(default_factory=list)
+    sharded: dict[Callable, list[Tensor]] = field(default_factory=dict)
+    scored: list[tuple[int, Tensor]] = field(default_factory=list)
+
+
+def _minmax_probe(batch: GroupTensors, i: int) -> Optional[Tensor]:
+    """``min(g) + max(g)`` in float64: NaN or +-Inf iff ``g`` has one (None for an empty ``g``,
+    except for a shard, which every rank probes). For a tensor sampled by importance, also
+    non-finite iff ``max |g|`` squared overflows in the compute dtype."""
+    g = batch.grads[i]
+    if batch.shards[i] is not None:
+        low, high = torch.aminmax(g) if g.numel() else (g.new_zeros(()), g.new_zeros(()))
+        return low.double() + high.double()
+    if not g.numel():
+        return None
+    low, high = torch.aminmax(g)
+    probe = low.double() + high.double()
+    if batch.sparse and batch.mode.sampled:
+        peak = torch.maximum(low.abs(), high.abs()).to(_compute_dtype(g.dtype))
+        probe = probe + (peak * peak * 0).double()
+    return probe
+
+
+class Backend:
+    """One implementation of the masked step: ``prepare`` one tensor, ``run`` a list of them."""
+
+    name = ""
+
+    def prepare(self, batch: GroupTensors, i: int) -> tuple[Optional[tuple], Optional[Tensor]]:
+        """``(prepared, probe)`` for tensor ``i``: what ``run`` may reuse, and its non-finite probe."""
+        return None, _minmax_probe(batch, i)
+
+    def run(self, batch: GroupTensors, idx: list[int], bufs: list[Optional[Tensor]]) -> list[Union[Tensor, int]]:
+        """Update tensors ``idx`` of ``batch`` (``bufs`` their momentum buffers, replaced in place
+        by the ones written) and return their kept-unit counts."""
+        raise NotImplementedError
+
+
+class ReferenceBackend(Backend):
+    """The pure-PyTorch step of :func:`masked_optim.functional.masked_sgd` (every option, shards)."""
+
+    name = REFERENCE
+
+    def run(self, batch, idx, bufs):
+        o = batch.options
+        shards = [batch.shards[i] for i in idx]
+        return masked_sgd(
+            [batch.local_params[i] for i in idx],
+            [batch.grads[i] for i in idx],
+            bufs,
+            [batch.keys[i] for i in idx],
+            lr=o["lr"],
+            momentum=o["momentum"],
+            dampening=o["dampening"],
+            weight_decay=o["weight_decay"],
+            nesterov=o["nesterov"],
+            maximize=o["maximize"],
+            mask=o["mask"] if batch.sparse else "none",
+            rate=batch.rate if batch.sparse else 1.0,
+            granularity=o["granularity"],
+            smoothing=o["smoothing"],
+            sampler=o["sampler"],
+            unbiased=o["unbiased"],
+            max_iter=WATERFILL_MAX_ITER,
+            shards=shards if any(s is not None for s in shards) else None,
+        )
+
+
+class FusedBackend(Backend):
+    """A per-tensor kernel with the contract of :mod:`masked_optim.backends` (cuda, triton)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._kernel: Optional[Callable] = None
+
+    @property
+    def kernel(self) -> Callable:
+        if self._kernel is None:
+            from . import kernel_for  # noqa: PLC0415  (triton is imported on first use only)
+
+            self._kernel = kernel_for(self.name)
+        return self._kernel
+
+    def run(self, batch, idx, bufs):
+        """One kernel call per tensor; non-contiguous tensors go through contiguous copies."""
+        o = batch.options
+        momentum, kernel = o["momentum"], self.kernel
+        counts = []
+        for j, i in enumerate(idx):
+            p, g = batch.local_params[i], batch.grads[i]
+            pc = p if p.is_contiguous() else p.contiguous()
+            buf, first = bufs[j], False
+            if momentum != 0:
+                if buf is None:
+                    buf, first = torch.empty_like(pc, memory_format=torch.contiguous_format), True
+                elif not buf.is_contiguous():
+                    buf = buf.contiguous()
+                bufs[j] = buf
+            else:
+                buf = pc.new_empty(0)
+            scalars, scores = batch.prepared[i] if batch.prepared and batch.prepared[i] is not None else (None, None)
+            kept, _ = kernel(
+                pc, g.contiguous(), buf, scores, scalars, batch.keys[i], float(batch.rate), float(o["smoothing"]),
+                WATERFILL_MAX_ITER, int(batch.mode), o["granularity"] == "channel", float(o["lr"]), float(momentum),
+                float(o["dampening"]), float(o["weight_decay"]), o["nesterov"], o["maximize"], first,
+            )
+            if pc is not p:
+                p.copy_(pc)
+            counts.append(kept)
+        return counts
+
+
+class CppBackend(FusedBackend):
+    """The fused C++ op on CPU tensors, whose stage 1 runs in :meth:`prepare`: its float64 sum of
+    ``g**2`` is the probe (non-finite iff ``g`` has NaN or Inf or a square overflows), and the
+    kernel reuses its ``[alpha, beta]`` and scores. ``mask="scale"`` has no stage 1: min + max."""
+
+    def prepare(self, batch, i):
+        if not batch.mode.sampled:
+            return super().prepare(batch, i)
+        o = batch.options
+        scalars, scores, sumsq = torch.ops.masked_optim.tensor_scalars(
+            batch.grads[i], float(batch.rate), float(o["smoothing"]), WATERFILL_MAX_ITER, int(batch.mode),
+            o["granularity"] == "channel",
+        )
+        return (scalars, scores if scores.numel() else None), sumsq
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def backend_named(name: str) -> Backend:
+    """The backend object of a name that :func:`~masked_optim.backends.resolve_backend` returns."""
+    if name not in _BACKENDS:
+        from . import FUSED  # noqa: PLC0415
+
+        if name == REFERENCE:
+            _BACKENDS[name] = ReferenceBackend()
+        elif name == "cpp":
+            _BACKENDS[name] = CppBackend(name)
+        elif name in FUSED:
+            _BACKENDS[name] = FusedBackend(name)
+        else:
+            raise ValueError(f"Invalid backend: {name!r}; allowed: one of {(REFERENCE,) + FUSED}")
+    return _BACKENDS[name]
+
+
+def _route(batch: GroupTensors, resolve: Resolver) -> None:
+    """Pick each tensor's backend: the resolved one for a sparse, unsharded tensor, else the reference."""
+    o = batch.options
+    sampler = effective_sampler(o["mask"], o["sampler"])
+    batch.backends = [
+        backend_named(resolve(o["backend"], p.device, sampler) if batch.sparse and not batch.is_distributed(i) else REFERENCE)
+        for i, p in enumerate(batch.params)
+    ]
+
+
+def prepare(batches: list[GroupTensors], resolve: Resolver, check: bool) -> Probes:
+    """Route every tensor of every group and, when ``check``, run each backend's preparation.
+
+    ``resolve(requested, device, sampler)`` names the backend (the optimizer's cached
+    :func:`~masked_optim.backends.resolve_backend`). Nothing is updated here. Groups and tensors are
+    visited in order, so the sharded probes are in the same order on every rank.
+    """
+    probes = Probes()
+    offset = 0  # position of the group's first gradient among all groups' gradients
+    for batch in batches:
+        _route(batch, resolve)
+        batch.prepared = [None] * len(batch.params)
+        for i, backend in enumerate(batch.backends if check else ()):
+            batch.prepared[i], probe = backend.prepare(batch, i)
+            if batch.shards[i] is not None:
+                probes.sharded.setdefault(batch.shards[i].all_reduce, []).append(probe)
+            elif probe is not None:
+                probes.local.append(probe)
+            if batch.sparse and batch.mode.sampled and batch.grads[i].numel():
+                probes.scored.append((offset + i, batch.grads[i]))
+        offset += len(batch.grads)
+    return probes
+
+
+def masked_sgd_step(batch: GroupTensors) -> list[Union[Tensor, int]]:
+    """Run one group's step (after :func:`prepare`): each backend on its tensors, in place.
+
+    Returns the kept-unit count of every tensor (0-d device tensors or ints, read lazily), and
+    replaces ``batch.momentum_buffers`` entries by the buffers written (new or contiguous ones).
+    """
+    kept: list = [None] * len(batch.params)
+    by_backend: dict[Backend, list[int]] = {}
+    for i, backend in enumerate(batch.backends):
+        by_backend.setdefault(backend, []).append(i)
+    for backend, idx in by_backend.items():
+        bufs = [batch.momentum_buffers[i] for i in idx]
+        counts = backend.run(batch, idx, bufs)
+        for j, i in enumerate(idx):
+            kept[i] = counts[j]
+            batch.momentum_buffers[i] = bufs[j]
+    return kept
