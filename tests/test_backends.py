@@ -186,7 +186,7 @@ def test_kernel_rejects_bad_input():
 @pytest.mark.parametrize("granularity", ["element", "channel"])
 @pytest.mark.parametrize("mode", [Mode.UNIFORM, Mode.AMSS, Mode.AMSS_PLUS, Mode.SCALE], ids=lambda m: m.mask)
 def test_tensor_scalars_is_the_fused_stage_one(mode, granularity):
-    """The optimizer's phase 1: the same [alpha, beta] the fused step computes, and the sum of g^2."""
+    """The cpp backend's preparation (backends.dispatch.CppBackend.prepare): the same [alpha, beta] the fused step computes, and the sum of g^2."""
     _require("cpp")
     channel = granularity == "channel"
     g = _grad((300, 41), torch.float32, 0)

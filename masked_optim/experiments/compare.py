@@ -25,7 +25,7 @@ from .training import TrainConfig, parse_method, train
 
 __all__ = ["SCHEMA", "run_compare", "merge_comparisons", "summarise", "format_table", "save_json", "plot_curves", "validate_result"]
 
-SCHEMA = "masked_optim.experiments.compare/1"
+SCHEMA = "masked_optim.compare/1"
 BASELINE = "joint"
 
 
