@@ -104,9 +104,16 @@ def test_the_readme_distributed_example_runs_and_ranks_agree(parallel, amp):
     import sys
 
     script = pathlib.Path(__file__).resolve().parents[1] / "examples" / "distributed.py"
-    run = subprocess.run([sys.executable, str(script), "--parallel", parallel, "--amp", amp, "--epochs", "1"],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    # A gloo rank now and then dies in C++ with "terminate called without an active exception" and no
+    # Python traceback: 1 run in 4 before the barrier before destroy_process_group, and once in about
+    # 35 runs since (2026-12-04, the extension-disabled CI pass on a loaded 2-core VM). That abort,
+    # and only that, earns one rerun; any other failure, or the same abort twice, fails.
+    for attempt in range(2):
+        run = subprocess.run([sys.executable, str(script), "--parallel", parallel, "--amp", amp, "--epochs", "1"],
+                             capture_output=True, text=True, timeout=300)
+        if run.returncode == 0 or "terminate called without an active exception" not in run.stderr:
+            break
+    assert run.returncode == 0, f"attempt {attempt + 1}: stdout {run.stdout[-1000:]!r}\nstderr {run.stderr[-2000:]}"
     lines = sorted(line for line in run.stdout.splitlines() if line.startswith("rank "))
     assert [line[:7] for line in lines] == ["rank 0:", "rank 1:"]
     assert lines[0][7:] == lines[1][7:]  # same accuracy, rates and parameter checksum on both ranks
