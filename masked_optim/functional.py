@@ -252,12 +252,7 @@ def masked_gradient(
             unbiased=unbiased, unit_offset=0 if shard is None else shard.unit_offset,
         )
 
-    kept = keep.sum()
-    if scale is not None:
-        g_masked = torch.where(_unit_view(keep, g, granularity), g * _unit_view(scale, g, granularity), 0.0)
-    else:
-        g_masked = torch.where(_unit_view(keep, g, granularity), g, 0.0)
-    return g_masked, kept
+    return _apply_mask(g, keep, scale, granularity)
 
 
 def masked_gradient_given_scalars(
@@ -302,10 +297,15 @@ def masked_gradient_given_scalars(
         q = inclusion_probability(unit_scores(g, granularity) if scores is None else scores, scalars[0], scalars[1])
     u = philox_uniform(key, n, device=grad.device, offset=unit_offset)
     keep = u.to(cdtype) < q
-    if unbiased:
-        g_masked = torch.where(_unit_view(keep, g, granularity), g * _unit_view(1.0 / q, g, granularity), 0.0)
-    else:
+    return _apply_mask(g, keep, 1.0 / q if unbiased else None, granularity)
+
+
+def _apply_mask(g: Tensor, keep: Tensor, weight: Optional[Tensor], granularity: str) -> tuple[Tensor, Tensor]:
+    """``g~ = M g`` (``weight`` None) or ``M g * weight`` per unit, and the number of units kept."""
+    if weight is None:
         g_masked = torch.where(_unit_view(keep, g, granularity), g, 0.0)
+    else:
+        g_masked = torch.where(_unit_view(keep, g, granularity), g * _unit_view(weight, g, granularity), 0.0)
     return g_masked, keep.sum()
 
 
