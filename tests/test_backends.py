@@ -203,6 +203,41 @@ def test_tensor_scalars_is_the_fused_stage_one(mode, granularity):
         assert scores.numel() == 0
 
 
+def _adversarial_grad(kind: str, n: int = 200_000) -> torch.Tensor:
+    """Gradients that defeat the cpp stage 1's sampled guess of where the water-filling threshold
+    lies (16 runs of 64 elements, evenly spaced), so that its fallbacks run."""
+    g = torch.randn(n, generator=torch.Generator().manual_seed(5)) * 0.1
+    in_sample = torch.zeros(n, dtype=torch.bool)
+    stride = n // 16
+    for r in range(16):
+        in_sample[r * stride : r * stride + 64] = True
+    if kind == "big-in-sample":  # the sample overestimates the sum: candidates collected again
+        g[in_sample] *= 300
+    elif kind == "big-outside-sample":  # the sample underestimates the sum: too many candidates
+        g[~in_sample] *= 300
+    elif kind == "sparse":  # 1% non-zero, none of them in the sample
+        keep = (torch.arange(n) % 100 == 7) & ~in_sample
+        g = torch.where(keep, g * 50, torch.zeros_like(g))
+    return g
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.5, 0.9])
+@pytest.mark.parametrize("kind", ["gaussian", "big-in-sample", "big-outside-sample", "sparse"])
+def test_stage_one_is_exact_when_its_sampled_guess_is_wrong(kind, rate):
+    """The cpp stage 1 guesses the saturation threshold from a sample of the gradient, stores the
+    units above it in the same pass as the sum, and checks the guess against the true sum: a wrong
+    guess costs passes, never accuracy. Its [alpha, beta] must match the reference's."""
+    _require("cpp")
+    g = _adversarial_grad(kind)
+    mode = Mode.AMSS_PLUS
+    scalars, _, sumsq = torch.ops.masked_optim.tensor_scalars(g, rate, 0.5, 4, mode, False)
+    alpha, beta = inclusion_scalars(unit_scores(g, "element"), rate, 0.5)
+    torch.testing.assert_close(scalars, torch.stack([alpha, beta]), **TOLERANCES[torch.float32])
+    # The sum of squares (the non-finite probe) is accumulated in float32 lanes.
+    torch.testing.assert_close(sumsq, g.double().square().sum(), rtol=TOLERANCES[torch.float32]["rtol"], atol=0)
+    assert 0 < float(beta) and float(alpha) > 0
+
+
 @pytest.mark.parametrize("mask", ["amss+", "scale"])
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_large_finite_gradients_are_not_mistaken_for_non_finite(backend, mask):

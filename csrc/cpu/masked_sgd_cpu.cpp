@@ -49,7 +49,10 @@ constexpr int64_t kChunk = 4096;  // elements (or units) per chunk; a multiple o
 constexpr int64_t kSubChunk = 256;
 // Reductions keep kLanes independent partial results so that they vectorise without -ffast-math
 // (a scalar float accumulator is a loop-carried dependence the compiler may not reassociate).
-constexpr int kLanes = 16;
+// 32, not 16: with 16 lanes GCC 12 leaves the sum-and-max loop of square_sum_max mostly scalar
+// (measured on the development machine, 2M fp32 in cache: 0.65-0.81 ms at 16 lanes against
+// 0.09-0.14 ms at 32, at every ISA level of the clones).
+constexpr int kLanes = 32;
 
 // Uniforms of units [4 * first_block, 4 * (first_block + nblocks)) into out[0 .. 4 * nblocks).
 // Portable version: the compiler vectorises it across counters in the x86-64-v3/v4 clones.
@@ -312,22 +315,34 @@ __attribute__((target("avx512f"))) int64_t stage1_collect_f32(const float* __res
   int64_t m = 0, low = 0;
   bool fits = true;
   int64_t i = begin;
-  for (; i + 16 <= end; i += 16) {
-    const __m512 v = _mm512_loadu_ps(g + i);
-    const __m512 sq = _mm512_mul_ps(v, v);
-    acc = _mm512_add_ps(acc, sq);
-    vmax = _mm512_max_ps(vmax, sq);
-    const __mmask16 cand = _mm512_cmp_ps_mask(sq, vt, _CMP_GE_OQ);
-    acc_low = _mm512_mask_add_ps(acc_low, static_cast<__mmask16>(~cand), acc_low, sq);
-    const int k = __builtin_popcount(static_cast<unsigned>(cand));
-    low += 16 - k;
-    if (fits && m + 16 <= capacity) {
-      _mm512_mask_compressstoreu_ps(out + m, cand, sq);
-      m += k;
+  // Two vectors per iteration, each with its own accumulators (the adds are latency-bound).
+  __m512 acc1 = _mm512_setzero_ps(), acc_low1 = _mm512_setzero_ps(), vmax1 = _mm512_setzero_ps();
+  for (; i + 32 <= end; i += 32) {
+    const __m512 v0 = _mm512_loadu_ps(g + i), v1 = _mm512_loadu_ps(g + i + 16);
+    const __m512 sq0 = _mm512_mul_ps(v0, v0), sq1 = _mm512_mul_ps(v1, v1);
+    acc = _mm512_add_ps(acc, sq0);
+    acc1 = _mm512_add_ps(acc1, sq1);
+    vmax = _mm512_max_ps(vmax, sq0);
+    vmax1 = _mm512_max_ps(vmax1, sq1);
+    const __mmask16 cand0 = _mm512_cmp_ps_mask(sq0, vt, _CMP_GE_OQ), cand1 = _mm512_cmp_ps_mask(sq1, vt, _CMP_GE_OQ);
+    acc_low = _mm512_mask_add_ps(acc_low, static_cast<__mmask16>(~cand0), acc_low, sq0);
+    acc_low1 = _mm512_mask_add_ps(acc_low1, static_cast<__mmask16>(~cand1), acc_low1, sq1);
+    const int k0 = __builtin_popcount(static_cast<unsigned>(cand0)), k1 = __builtin_popcount(static_cast<unsigned>(cand1));
+    low += 32 - k0 - k1;
+    if (fits && m + 32 <= capacity) {
+      // Compress in a register, then one full-width store: the memory form of vcompressps is
+      // microcoded on AMD Zen 4 (the development machine) and made this pass ~4x slower.
+      _mm512_storeu_ps(out + m, _mm512_maskz_compress_ps(cand0, sq0));
+      m += k0;
+      _mm512_storeu_ps(out + m, _mm512_maskz_compress_ps(cand1, sq1));
+      m += k1;
     } else {
       fits = false;
     }
   }
+  acc = _mm512_add_ps(acc, acc1);
+  acc_low = _mm512_add_ps(acc_low, acc_low1);
+  vmax = _mm512_max_ps(vmax, vmax1);
   double tail = 0, tail_low = 0, tail_max = 0;
   for (; i < end; ++i) {
     const float sq = g[i] * g[i];
@@ -468,13 +483,35 @@ Stage1<acc_t> stage1(const at::Tensor& grad, const c10::optional<at::Tensor>& sc
       try_collect = kCanCollect && kHaveAvx512 && !channel && max_iter > 0 && smoothing < 1.0 &&
                     numel >= 4 * kChunk;
     }
+    // The stage-1 pass with candidates stored: sums into `into`, candidates s >= threshold into
+    // each thread's scratch. False when some thread's candidates did not fit (more than half).
+    auto collect = [&](double threshold, Partials& into) {
+      std::vector<char> ok(nthreads, 1);
+      std::fill(cand_ptr.begin(), cand_ptr.end(), nullptr);
+      std::fill(sum_low.begin(), sum_low.end(), 0.0);
+      std::fill(n_low.begin(), n_low.end(), 0);
+      at::parallel_for(0, numel, kChunk, [&](int64_t i0, int64_t i1) {
+        const int t = at::get_thread_num();
+        const int64_t capacity = (i1 - i0) / 2 + 64;
+        std::vector<float>& scratch = candidate_scratch(capacity);
+        if (cand_ptr[t] != nullptr) ok[t] = 0;  // one range per thread expected
+        // try_collect implies scalar_t is float.
+        const int64_t m = stage1_collect_f32(static_cast<const float*>(static_cast<const void*>(g)), i0, i1,
+                                             static_cast<float>(threshold), scratch.data(), capacity,
+                                             &into.sum[t], &into.max[t], &sum_low[t], &n_low[t]);
+        if (m < 0) ok[t] = 0;
+        cand_ptr[t] = scratch.data();
+        cand_n[t] = std::max<int64_t>(m, 0);
+      });
+      return std::all_of(ok.begin(), ok.end(), [](char x) { return x != 0; });
+    };
     if (try_collect) {
-      // From 32 evenly spaced runs of 128 elements: the sum of scores (taken at 90%: a low estimate
+      // From 16 evenly spaced runs of 64 elements: the sum of scores (taken at 90%: a low estimate
       // only stores more candidates, a high one is detected below) and the water-filling constant
       // (c_cand = 1.25 x the sample's, at least 1.05 x budget): fewer candidates than a fixed bound.
       std::vector<double> sample;
-      sample.reserve(32 * 128);
-      const int64_t runs = 32, run = 128, stride = numel / runs;
+      sample.reserve(16 * 64);
+      const int64_t runs = 16, run = 64, stride = numel / runs;
       for (int64_t r = 0; r < runs; ++r) {
         for (int64_t i = r * stride; i < std::min(numel, r * stride + run); ++i) {
           const double v = static_cast<double>(static_cast<acc_t>(g[i]));
@@ -500,21 +537,7 @@ Stage1<acc_t> stage1(const at::Tensor& grad, const c10::optional<at::Tensor>& sc
       const double s_low = 0.9 * sample_sum * static_cast<double>(numel) / std::max(n_s, 1.0);
       threshold_used = (1.0 / c_cand_d - share_d) / (1.0 - smoothing) * s_low;
       if (!(1.0 / c_cand_d > share_d)) threshold_used = 0;  // every unit may saturate: store all (or fall back)
-      std::vector<char> ok(nthreads, 1);
-      at::parallel_for(0, numel, kChunk, [&](int64_t i0, int64_t i1) {
-        const int t = at::get_thread_num();
-        const int64_t capacity = (i1 - i0) / 2 + 64;
-        std::vector<float>& scratch = candidate_scratch(capacity);
-        if (cand_ptr[t] != nullptr) ok[t] = 0;  // one range per thread expected
-        // try_collect implies scalar_t is float.
-        const int64_t m = stage1_collect_f32(static_cast<const float*>(static_cast<const void*>(g)), i0, i1,
-                                             static_cast<float>(threshold_used), scratch.data(), capacity,
-                                             &part.sum[t], &part.max[t], &sum_low[t], &n_low[t]);
-        if (m < 0) ok[t] = 0;
-        cand_ptr[t] = scratch.data();
-        cand_n[t] = std::max<int64_t>(m, 0);
-      });
-      collected = std::all_of(ok.begin(), ok.end(), [](char x) { return x != 0; });
+      collected = collect(threshold_used, part);
     } else if (channel) {
       at::parallel_for(0, n_units, kChunk, [&](int64_t u0, int64_t u1) {
         const int t = at::get_thread_num();
@@ -557,13 +580,32 @@ Stage1<acc_t> stage1(const at::Tensor& grad, const c10::optional<at::Tensor>& sc
         // The stored candidates serve every round with c <= c_cand if the threshold used was no
         // higher than the one the true sum gives (with a margin for rounding).
         const acc_t c_cand = static_cast<acc_t>(c_cand_d);
-        if (collected) {
+        if (try_collect) {
           const double threshold_true = (1.0 / c_cand_d - share_d) / (1.0 - smoothing) * total_d;
-          collected = threshold_used <= threshold_true * (1.0 - 1e-4);
+          if (!collected || threshold_used > threshold_true * (1.0 - 1e-4)) {
+            // The sample misjudged the sum (a heavy-tailed or sparse gradient): it overestimated it,
+            // so that some candidates were missed, or underestimated it, so that they did not fit.
+            // One more pass at the threshold of the true sum costs less than a pass per round.
+            Partials again(nthreads);
+            threshold_used = 1.0 / c_cand_d > share_d ? threshold_true * (1.0 - 1e-3) : 0.0;
+            collected = collect(threshold_used, again);
+          }
         }
         std::vector<double> rest_low(nthreads, 0.0);
+        // Each thread's stored candidates are visited by that thread's slot; a few of them are
+        // visited on this thread alone (a parallel region costs more than the scan: at 1M
+        // parameters in 15 tensors, 4 rounds of fork-join were a third of stage 1).
+        int64_t n_cand = 0;
+        for (int t = 0; t < nthreads; ++t) n_cand += cand_n[t];
+        auto over_slots = [&](auto&& fn) {
+          if (n_cand < (int64_t{1} << 16)) {
+            fn(int64_t{0}, static_cast<int64_t>(nthreads));
+          } else {
+            at::parallel_for(0, nthreads, 1, fn);
+          }
+        };
         if (collected) {
-          at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
+          over_slots([&](int64_t t0, int64_t t1) {
             for (int64_t t = t0; t < t1; ++t) {
               scores_to_pt(cand_ptr[t], cand_n[t], static_cast<float>(total), static_cast<float>(one_minus_gamma),
                            static_cast<float>(uniform_share));
@@ -583,7 +625,7 @@ Stage1<acc_t> stage1(const at::Tensor& grad, const c10::optional<at::Tensor>& sc
             }
           };
           if (collected && c_now <= c_cand) {
-            at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
+            over_slots([&](int64_t t0, int64_t t1) {
               for (int64_t t = t0; t < t1; ++t) {
                 candidate_round(cand_ptr[t], cand_n[t], static_cast<float>(c_now), &round.count[t], &round.sum[t]);
                 round.sum[t] += rest_low[t];
