@@ -13,6 +13,9 @@
 
 
 namespace masked_optim {
+
+const char* cpu_kernel_isa();  // csrc/cpu/masked_sgd_cpu.cpp
+
 namespace {
 
 #define MASKED_OPTIM_STR2(x) #x
@@ -44,6 +47,9 @@ std::string build_info() {
 #else
   info += ";cpu_dispatch=none";
 #endif
+  // The hand-written paths (AVX-512 or AVX2 intrinsics, or none), lowered by MASKED_OPTIM_CPU_ISA.
+  info += ";cpu_isa=";
+  info += cpu_kernel_isa();
 #if defined(MASKED_OPTIM_WITH_CUDA)
   info += ";cuda=yes";
 #else

@@ -15,6 +15,9 @@ _LIB = None
 _REASON: str | None = None
 
 DISABLE_ENV = "MASKED_OPTIM_DISABLE_EXTENSION"
+# Lowers the hand-written CPU paths (read by the library when it loads; for tests and comparisons).
+ISA_ENV = "MASKED_OPTIM_CPU_ISA"
+ISA_CHOICES = ("avx512", "avx2", "generic")
 
 
 def _load() -> None:
@@ -24,6 +27,10 @@ def _load() -> None:
     _LOADED = True
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         _REASON = f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
+        return
+    isa = os.environ.get(ISA_ENV, "")
+    if isa not in ("",) + ISA_CHOICES:
+        _REASON = f"invalid {ISA_ENV}={isa!r}; allowed: one of {ISA_CHOICES} (or unset for the best this CPU supports)"
         return
     try:
         import torch  # noqa: F401  (the extension links against libtorch)
