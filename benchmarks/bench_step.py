@@ -1,10 +1,14 @@
-"""Optimizer-step microbenchmark (see masked_optim/benchmark.py for what is measured and how).
+"""Optimizer-step microbenchmark (masked_optim/experiments/benchmark.py says what is measured and how).
 
-    python benchmarks/bench_step.py --sizes 1,10 --repeats 7
-    python benchmarks/bench_step.py --sizes 100 --modes amss+ --granularities element --skip-reference
+    python benchmarks/bench_step.py                      # 1M and 10M fp32 parameters, every mode
+    python benchmarks/bench_step.py --sizes 100
+    python benchmarks/bench_step.py --device cuda --sizes 10,100
 
-Prints a table (medians, 20th/80th percentiles, effective GB/s, ratio to torch.optim.SGD) and
-saves JSON with the machine, versions and date under benchmarks/results/.
+Prints, per size, every provider (torch.optim.SGD foreach and for-loop, each mode of each fused
+backend, (g*g).sum()) interleaved in one process: medians and 20th/80th percentiles of single-step
+times, ratios to SGD, and the split of each masked step (stage 1, update). Saves JSON with the
+machine, versions, date and every time under benchmarks/results/; benchmarks/bench_summary.py
+summarises several runs.
 """
 
 import sys

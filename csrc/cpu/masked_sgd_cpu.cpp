@@ -49,6 +49,12 @@ enum class CpuIsa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
 namespace {
 
 constexpr int64_t kChunk = 4096;  // elements (or units) per chunk; a multiple of 4
+// Work per thread below which a loop runs on the calling thread alone: torch's own grain for
+// elementwise ops. A parallel region costs a fork-join, and on a busy machine (data-loader workers,
+// other tenants) a region waits for its slowest thread: with a grain of one chunk, a 0.2M-parameter
+// step took 90 ms instead of 0.5 ms while another process kept one of two cores busy.
+constexpr int64_t kGrain = at::internal::GRAIN_SIZE;
+constexpr int64_t kGrainChunks = kGrain / kChunk;
 // The fused element pass draws and applies 256 elements at a time: small enough that the loads of
 // the update overlap the Philox arithmetic of the next piece (measured on the development machine,
 // 10M fp32: Philox + update 3.3-3.4 ms at 256 against 4.1-4.9 ms when drawing 4096 at once).
@@ -626,7 +632,7 @@ Stage1<acc_t> stage1(const at::Tensor& grad, const c10::optional<at::Tensor>& sc
     } else {
       scores_buf = at::empty({n_units}, grad.options().dtype(acc_type));
       acc_t* out = scores_buf.mutable_data_ptr<acc_t>();
-      at::parallel_for(0, n_units, std::max<int64_t>(1, kChunk / std::max<int64_t>(inner, 1)), [&](int64_t u0, int64_t u1) {
+      at::parallel_for(0, n_units, std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1)), [&](int64_t u0, int64_t u1) {
         channel_scores<scalar_t, acc_t>(g, inner, u0, u1, out);
       });
     }
@@ -662,7 +668,7 @@ Stage1<acc_t> stage1(const at::Tensor& grad, const c10::optional<at::Tensor>& sc
       std::fill(cand_ptr.begin(), cand_ptr.end(), nullptr);
       std::fill(sum_low.begin(), sum_low.end(), 0.0);
       std::fill(n_low.begin(), n_low.end(), 0);
-      at::parallel_for(0, numel, kChunk, [&](int64_t i0, int64_t i1) {
+      at::parallel_for(0, numel, kGrain, [&](int64_t i0, int64_t i1) {
         const int t = at::get_thread_num();
         const int64_t capacity = (i1 - i0) / 2 + 64;
         std::vector<float>& scratch = candidate_scratch(capacity);
@@ -709,7 +715,7 @@ Stage1<acc_t> stage1(const at::Tensor& grad, const c10::optional<at::Tensor>& sc
       if (!(1.0 / c_cand_d > share_d)) threshold_used = 0;  // every unit may saturate: store all (or fall back)
       collected = collect(threshold_used, part);
     } else if (channel) {
-      at::parallel_for(0, n_units, kChunk, [&](int64_t u0, int64_t u1) {
+      at::parallel_for(0, n_units, kGrain, [&](int64_t u0, int64_t u1) {
         const int t = at::get_thread_num();
         double s = 0, m = 0;
         for (int64_t j = u0; j < u1; ++j) {
@@ -720,7 +726,7 @@ Stage1<acc_t> stage1(const at::Tensor& grad, const c10::optional<at::Tensor>& sc
         part.max[t] = std::max(part.max[t], m);
       });
     } else {
-      at::parallel_for(0, numel, kChunk, [&](int64_t i0, int64_t i1) {
+      at::parallel_for(0, numel, kGrain, [&](int64_t i0, int64_t i1) {
         const int t = at::get_thread_num();
         for (int64_t c = i0; c < i1; c += kChunk) {
           square_sum_max<scalar_t, acc_t>(g, c, std::min(i1, c + kChunk), &part.sum[t], &part.max[t]);
@@ -802,12 +808,12 @@ Stage1<acc_t> stage1(const at::Tensor& grad, const c10::optional<at::Tensor>& sc
               }
             });
           } else if (channel) {
-            at::parallel_for(0, n_units, kChunk, [&](int64_t u0, int64_t u1) {
+            at::parallel_for(0, n_units, kGrain, [&](int64_t u0, int64_t u1) {
               const int t = at::get_thread_num();
               for (int64_t j = u0; j < u1; ++j) visit(t, scores[j]);
             });
           } else {
-            at::parallel_for(0, numel, kChunk, [&](int64_t i0, int64_t i1) {
+            at::parallel_for(0, numel, kGrain, [&](int64_t i0, int64_t i1) {
               const int t = at::get_thread_num();
               for (int64_t i = i0; i < i1; i += kChunk) {
                 waterfill_round<scalar_t, acc_t>(g, i, std::min(i1, i + kChunk), total, one_minus_gamma, uniform_share,
@@ -875,7 +881,7 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_impl(at::Tensor& param, const at::
 
   std::vector<int64_t> kept_per_thread(nthreads, 0);
   if (!channel || !sampled) {
-    at::parallel_for(0, (numel + kChunk - 1) / kChunk, 1, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, (numel + kChunk - 1) / kChunk, kGrainChunks, [&](int64_t c0, int64_t c1) {
       alignas(64) float u[kChunk];
       if (!sampled) std::fill(u, u + kChunk, 0.0f);
       int64_t kept = 0;
@@ -990,7 +996,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tensor_scalars_cpu(const at::Tens
         const scalar_t* g = grad.const_data_ptr<scalar_t>();
         const int nthreads = at::get_num_threads();
         Partials part(nthreads);
-        at::parallel_for(0, numel, kChunk, [&](int64_t i0, int64_t i1) {
+        at::parallel_for(0, numel, kGrain, [&](int64_t i0, int64_t i1) {
           const int t = at::get_thread_num();
           for (int64_t c = i0; c < i1; c += kChunk) {
             square_sum_max<scalar_t, acc_t>(g, c, std::min(i1, c + kChunk), &part.sum[t], &part.max[t]);
@@ -1016,7 +1022,7 @@ void philox_uniform_cpu(at::Tensor& out, int64_t key) {
   TORCH_CHECK(key >= 0, "philox_uniform_: key must be >= 0, got ", key);
   const int64_t n = out.numel();
   float* data = out.mutable_data_ptr<float>();
-  at::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, (n + kChunk - 1) / kChunk, kGrainChunks, [&](int64_t c0, int64_t c1) {
     alignas(64) float u[kChunk];
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t begin = c * kChunk;

@@ -2,17 +2,34 @@
 
 The implementation behind ``benchmarks/bench_step.py`` and ``python -m masked_optim bench``.
 
-Every provider steps the same parameters and gradients in one process; each measurement is the
-wall time of ``optimizer.step()`` alone (gradients preset), repeated, reported as the median and
-the 20th/80th percentiles. "GB/s" is the traffic of a fused masked step divided by the median:
-per element, one read of the gradient for the per-tensor reduction, then one read each of
-gradient, parameter and momentum and one write each of parameter and momentum (6 accesses).
+What is timed, per size (a realistic mix of fp32 tensors, momentum 0.9, one modality at ``--rate``):
 
-    python benchmarks/bench_step.py                      # 1M and 10M fp32 parameters
-    python benchmarks/bench_step.py --sizes 1 --repeats 3 --modes amss+
-    python -m masked_optim bench                         # quick: 1M, amss+, element
+* ``torch.optim.SGD(momentum=0.9)``, ``foreach=True`` (the baseline of every ratio) and the
+  for-loop (``foreach=False``);
+* ``MaskedMultiModalSGD`` on each fused backend that runs on ``--device`` (and the pure-PyTorch
+  reference with ``--reference``), for every mode: ``scale`` (no granularity), and ``uniform``,
+  ``amss``, ``amss+`` at element and channel granularity;
+* the split of each masked step: **stage 1**, everything before the first parameter is written
+  (routing, per-tensor scalars and water-filling, the non-finite check and its verdict), timed on
+  its own; the update is the step minus stage 1;
+* ``(g*g).sum()`` of the same gradients, the yardstick of stage 1 (one memory-bound reduction).
 
-Results are printed and saved as JSON (machine, versions, date) under benchmarks/results/.
+Every provider steps the same parameters and gradients (shared, so that the memory each one
+touches is the same), and each has its own momentum buffers. The measurement is **interleaved**:
+each repeat times one step of every provider, in an order rotated from repeat to repeat, so that
+the machine's drift (other tenants, clocks) falls on all of them alike. Reported: median and
+20th/80th percentiles of ``--repeats`` (default 15) single-step wall times after ``--warmup``
+untimed steps, and the ratio of medians to ``SGD(foreach)`` and to ``SGD(for-loop)``. On CUDA each
+step is bracketed by ``torch.cuda.synchronize()``.
+
+    python benchmarks/bench_step.py                          # 1M and 10M fp32 parameters
+    python benchmarks/bench_step.py --sizes 100 --repeats 15
+    python benchmarks/bench_step.py --device cuda --sizes 10,100
+    python -m masked_optim bench                             # quick: 1M, every mode
+    python benchmarks/bench_summary.py benchmarks/results/bench_step-*.json   # several runs
+
+Results are printed and saved as JSON (machine, versions, date, every time) under
+``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -25,13 +42,20 @@ import platform
 import statistics
 import sys
 import time
+from typing import Callable, Optional
 
 import torch
 
 from .. import __version__
 from ..backends import _cpp_lib, backend_status
+from ..backends.dispatch import prepare
+from ..modes import Mode
 from ..optim import MaskedMultiModalSGD
 from ..rng import derive_key
+
+BASELINE = "torch.optim.SGD(foreach)"
+LOOP = "torch.optim.SGD(for-loop)"
+SUMSQ = "(g*g).sum() of the same gradients"
 
 
 def tensor_mix(total: int) -> list[tuple[int, ...]]:
@@ -48,23 +72,43 @@ def tensor_mix(total: int) -> list[tuple[int, ...]]:
     return shapes
 
 
-def make_params(shapes, seed=0):
+def make_params(shapes, device, seed=0):
+    """Parameters and Gaussian gradients, drawn on the CPU (the same values on every device)."""
     gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
+    params = []
+    for s in shapes:
+        p = torch.randn(s, generator=gen).to(device).requires_grad_()
+        p.grad = torch.randn(s, generator=gen).to(device)
+        params.append(p)
     return params
 
 
-def time_step(opt, repeats: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        opt.step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    return times
+class Stage1:
+    """Stage 1 of a masked optimizer's step, alone: what ``step()`` does before it writes anything
+    (gather the groups, route, run each backend's preparation, decide the non-finite verdict)."""
+
+    def __init__(self, opt: MaskedMultiModalSGD) -> None:
+        self.opt = opt
+
+    def step(self) -> None:
+        opt, batches, reducers, index = self.opt, [], {}, 0
+        for gi, group in enumerate(opt.param_groups):
+            batches.append(opt._init_group(gi, group, index, {}, reducers))
+            index += len(group["params"])
+        probes = prepare(batches, opt._resolve, check=opt.nonfinite != "ignore")
+        if opt._nonfinite_verdict(batches, probes) is not None:
+            raise RuntimeError("the benchmark's gradients are finite: the verdict should be None")
+
+
+class SumOfSquares:
+    """``(g*g).sum()`` of every gradient, the yardstick of stage 1."""
+
+    def __init__(self, params) -> None:
+        self.grads = [p.grad for p in params]
+
+    def step(self) -> None:
+        for g in self.grads:
+            (g * g).sum()
 
 
 class CompiledReference:
@@ -90,39 +134,98 @@ class CompiledReference:
                 self.fn(p, p.grad, b, derive_key(0, self.step_count, i))
 
 
-def providers(mode: str, granularity: str, rate: float, device: torch.device, with_compile: bool):
-    yield "torch.optim.SGD(foreach)", lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=True)
-    yield "torch.optim.SGD(for-loop)", lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=False)
+def mode_grid(modes: list[str], granularities: list[str]) -> list[tuple[str, str]]:
+    """(mask, granularity) pairs to time: ``scale`` once (it has no granularity), others per granularity."""
+    allowed = {m.mask for m in Mode if m is not Mode.DENSE}
+    grid = []
+    for mode in modes:
+        if mode not in allowed:
+            raise ValueError(f"Invalid --modes entry: {mode!r}; allowed: {sorted(allowed)}")
+        for gran in (["element"] if mode == "scale" else granularities):
+            if gran not in ("element", "channel"):
+                raise ValueError(f"Invalid --granularities entry: {gran!r}; allowed: element, channel")
+            grid.append((mode, gran))
+    return grid
 
-    def masked(backend):
-        def build(ps):
-            opt = MaskedMultiModalSGD(
-                [{"params": ps, "modality": "m"}], lr=1e-3, momentum=0.9, mask=mode, granularity=granularity, backend=backend
-            )
-            opt.set_rates({"m": rate})
-            return opt
 
-        return build
+def label(backend: str, mode: str, gran: str) -> str:
+    return f"masked {backend} ({mode})" if mode == "scale" else f"masked {backend} ({mode}, {gran})"
 
-    yield f"masked reference ({mode}, {granularity})", masked("reference")
-    if with_compile:
-        yield f"torch.compile(reference) ({mode}, {granularity})", lambda ps: CompiledReference(ps, mode, granularity, rate)
+
+def fused_backends(device: torch.device) -> list[str]:
+    """The fused backends that run on ``device`` here (Triton on a CPU runs only in its interpreter: not timed)."""
+    out = []
     for backend in ("cpp", "cuda", "triton"):
         reason = backend_status(backend, device)
         if reason is None and not (backend == "triton" and device.type != "cuda"):
-            yield f"masked {backend} ({mode}, {granularity})", masked(backend)
-        elif (mode, granularity) == ("uniform", "element"):
-            print(f"# {backend}: skipped ({reason or 'Triton on CPU runs only in its interpreter: not timed'})")
+            out.append(backend)
+        else:
+            print(f"# {backend}: not timed ({reason or 'Triton on a CPU runs only in its interpreter'})")
+    return out
 
 
-def machine() -> dict:
+def providers(params, grid, rate: float, device: torch.device, backends: list[str], reference: bool,
+              with_compile: bool) -> list[tuple[str, dict, object]]:
+    """``(name, description, object with .step())`` for every provider of one size."""
+    out = [
+        (BASELINE, {"kind": "sgd"}, torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True)),
+        (LOOP, {"kind": "sgd"}, torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=False)),
+        (SUMSQ, {"kind": "sumsq"}, SumOfSquares(params)),
+    ]
+    for mode, gran in grid:
+        for backend in backends + (["reference"] if reference else []):
+            opt = MaskedMultiModalSGD([{"params": params, "modality": "m"}], lr=1e-3, momentum=0.9, mask=mode,
+                                      granularity=gran, backend=backend)
+            opt.set_rates({"m": rate})
+            desc = {"kind": "step", "backend": backend, "mode": mode, "granularity": gran}
+            out.append((label(backend, mode, gran), desc, opt))
+            if backend != "reference":
+                out.append((f"  stage 1 of {label(backend, mode, gran)}", dict(desc, kind="stage1"), Stage1(opt)))
+        if with_compile:
+            out.append((f"torch.compile(reference) ({mode}, {gran})", {"kind": "compile", "mode": mode, "granularity": gran},
+                        CompiledReference(params, mode, gran, rate)))
+    return out
+
+
+def run_interleaved(provs, repeats: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+    """Single-step wall times of every provider, interleaved (order rotated every repeat)."""
+    sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    failed: dict[str, str] = {}
+    for name, _, obj in provs:
+        try:
+            for _ in range(warmup):
+                obj.step()
+            sync()
+        except Exception as exc:  # a provider that cannot run here is reported, not fatal
+            failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            print(f"# {name.strip()}: failed: {failed[name]}")
+    live = [(n, o) for n, _, o in provs if n not in failed]
+    times: dict[str, list[float]] = {n: [] for n, _ in live}
+    for r in range(repeats):
+        k = r % len(live)
+        for name, obj in live[k:] + live[:k]:
+            sync()
+            t0 = time.perf_counter()
+            obj.step()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def summarize(times: list[float]) -> dict:
+    med = statistics.median(times)
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [med] * 4
+    return {"median_ms": med * 1e3, "p20_ms": q[0] * 1e3, "p80_ms": q[-1] * 1e3}
+
+
+def machine(device: torch.device) -> dict:
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {
+    info = {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -132,65 +235,152 @@ def machine() -> dict:
         "masked_optim": __version__,
         "extension": _cpp_lib.available(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "device": str(device),
     }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1,10", help="millions of parameters, comma separated (default 1,10)")
+    ap.add_argument("--modes", default="scale,uniform,amss,amss+", help="masks to time (default: every one)")
+    ap.add_argument("--granularities", default="element,channel")
+    ap.add_argument("--rate", type=float, default=0.5)
+    ap.add_argument("--repeats", type=int, default=15, help="timed steps per provider (default 15)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_step-<date>.json)")
+    ap.add_argument("--reference", action="store_true", help="also time the (slow) pure-PyTorch reference backend")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the reference step (slow to compile)")
+    return ap
 
 
 def main(argv=None, prog=None) -> int:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="1,10", help="millions of parameters, comma separated")
-    ap.add_argument("--modes", default="uniform,amss,amss+")
-    ap.add_argument("--granularities", default="element,channel")
-    ap.add_argument("--rate", type=float, default=0.5)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_step-<date>.json)")
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the reference step (slow to compile)")
-    ap.add_argument("--skip-reference", action="store_true", help="do not time the (slow) pure-PyTorch reference")
+    ap = build_parser(prog)
     args = ap.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        ap.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    if not 0 < args.rate <= 1:
+        ap.error(f"--rate must be in (0, 1], got {args.rate}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        ap.error(f"--device must be cpu, or cuda where a GPU is visible; got {args.device!r}")
+    try:
+        grid = mode_grid(args.modes.split(","), args.granularities.split(","))
+        sizes = [float(s) for s in args.sizes.split(",")]
+    except ValueError as exc:
+        ap.error(str(exc))
 
-    info = machine()
+    info = machine(device)
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    print(f"# {date}  {info['cpu']}  {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads)")
+    where = info.get("gpu", f"{info['cpu']}, {info['cores']} cores")
+    print(f"# {date}  {where}  torch {info['torch']} ({info['torch_threads']} threads), device {device}")
+    print(f"# interleaved single steps: {args.repeats} repeats after {args.warmup} warm-up, rate {args.rate}, momentum 0.9")
+    backends = fused_backends(device)
     rows = []
-    header = f"{'params':>7} {'tensors':>7}  {'provider':<40} {'median ms':>10} {'p20 ms':>8} {'p80 ms':>8} {'GB/s':>6} {'x SGD':>7}"
-    print(header)
-    for size in [float(s) for s in args.sizes.split(",")]:
+    for size in sizes:
         shapes = tensor_mix(int(size * 1e6))
-        n = sum(torch.Size(s).numel() for s in shapes)
-        seen = set()
-        baseline = None
-        for mode in args.modes.split(","):
-            for gran in args.granularities.split(","):
-                for name, build in providers(mode, gran, args.rate, torch.device("cpu"), args.compile):
-                    if name in seen or (args.skip_reference and name.startswith("masked reference")):
-                        continue
-                    seen.add(name)
-                    params = make_params(shapes)
-                    try:
-                        times = time_step(build(params), args.repeats, args.warmup)
-                    except Exception as exc:  # a provider that cannot run here is reported, not fatal
-                        print(f"# {name}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-                        continue
-                    med = statistics.median(times)
-                    q = statistics.quantiles(times, n=5) if len(times) > 1 else [med] * 4
-                    if name == "torch.optim.SGD(foreach)":
-                        baseline = med
-                    row = {
-                        "params": n, "tensors": len(shapes), "provider": name, "mode": mode, "granularity": gran,
-                        "rate": args.rate, "median_ms": med * 1e3, "p20_ms": q[0] * 1e3, "p80_ms": q[-1] * 1e3,
-                        "gb_per_s": 6 * 4 * n / med / 1e9, "ratio_to_sgd_foreach": med / baseline, "times_s": times,
-                    }
-                    rows.append(row)
-                    print(
-                        f"{n / 1e6:>6.1f}M {len(shapes):>7}  {name:<40} {row['median_ms']:>10.2f} {row['p20_ms']:>8.2f} "
-                        f"{row['p80_ms']:>8.2f} {row['gb_per_s']:>6.1f} {row['ratio_to_sgd_foreach']:>7.1f}"
-                    )
-                    sys.stdout.flush()
+        params = make_params(shapes, device)
+        n = sum(p.numel() for p in params)
+        provs = providers(params, grid, args.rate, device, backends, args.reference, args.compile)
+        times = run_interleaved(provs, args.repeats, args.warmup, device)
+        base, loop = statistics.median(times[BASELINE]), statistics.median(times[LOOP])
+        print(f"\n{n / 1e6:.1f}M parameters in {len(shapes)} tensors")
+        print(f"{'provider':<50} {'median ms':>10} {'p20 ms':>8} {'p80 ms':>8} {'x foreach':>10} {'x loop':>7}")
+        for name, desc, _ in provs:
+            if name not in times:
+                continue
+            row = {"params": n, "tensors": len(shapes), "provider": name.strip(), **desc, "rate": args.rate,
+                   **summarize(times[name]), "times_s": times[name]}
+            row["ratio_to_sgd_foreach"] = row["median_ms"] / (base * 1e3)
+            row["ratio_to_sgd_loop"] = row["median_ms"] / (loop * 1e3)
+            rows.append(row)
+            print(f"{name:<50} {row['median_ms']:>10.2f} {row['p20_ms']:>8.2f} {row['p80_ms']:>8.2f} "
+                  f"{row['ratio_to_sgd_foreach']:>10.2f} {row['ratio_to_sgd_loop']:>7.2f}")
+        # The split of each fused step: stage 1 against one sum of squares, and the update.
+        sumsq = statistics.median(times[SUMSQ]) if SUMSQ in times else float("nan")
+        split = [(name, desc) for name, desc, _ in provs if desc["kind"] == "step" and f"  stage 1 of {name}" in times]
+        if split:
+            print(f"\n{'where the time goes':<50} {'stage 1 ms':>10} {'x (g*g).sum()':>14} {'update ms':>10}")
+        for name, desc in split:
+            s1 = statistics.median(times[f"  stage 1 of {name}"])
+            upd = statistics.median(times[name]) - s1
+            rows.append({"params": n, "provider": name, **dict(desc, kind="split"), "stage1_ms": s1 * 1e3,
+                         "stage1_over_sumsq": s1 / sumsq, "update_ms": upd * 1e3})
+            print(f"{name:<50} {s1 * 1e3:>10.2f} {s1 / sumsq:>14.2f} {upd * 1e3:>10.2f}")
+        sys.stdout.flush()
+        del provs, params
     out = args.out or os.path.join("benchmarks", "results", f"bench_step-{date[:10]}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"date": date, "machine": info, "args": vars(args), "results": rows}, f, indent=1)
+        json.dump({"schema": "masked_optim.bench_step/2", "date": date, "machine": info, "args": vars(args),
+                   "results": rows}, f, indent=1)
     print(f"saved {out}")
+    return 0
+
+
+def summarize_runs(paths: list[str]) -> list[dict]:
+    """Several runs of this script (their JSON files) side by side: per size and provider, each
+    run's ratio of medians to ``SGD(foreach)``, their median and range; the same for the ratio of
+    stage 1 to ``(g*g).sum()``. Every file must come from the same machine and arguments."""
+    if len(paths) < 2:
+        raise ValueError(f"Invalid paths: {paths!r}; allowed: two or more JSON files of bench_step.py")
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            run = json.load(f)
+        if run.get("schema") != "masked_optim.bench_step/2":
+            raise ValueError(f"Invalid file {path!r}: schema {run.get('schema')!r}; allowed: 'masked_optim.bench_step/2'")
+        runs.append(run)
+    keys = ("sizes", "modes", "granularities", "rate", "repeats", "device")
+    for path, run in zip(paths[1:], runs[1:]):
+        if any(run["args"][k] != runs[0]["args"][k] for k in keys) or run["machine"]["cpu"] != runs[0]["machine"]["cpu"]:
+            raise ValueError(f"Invalid file {path!r}: other arguments or machine than {paths[0]!r}")
+    table: dict[tuple, dict] = {}
+    for run in runs:
+        for row in run["results"]:
+            key = (row["params"], row["provider"], row["kind"])
+            entry = table.setdefault(key, {"params": row["params"], "provider": row["provider"], "kind": row["kind"],
+                                           "medians_ms": [], "ratios": []})
+            if row["kind"] == "split":
+                entry["medians_ms"].append(row["stage1_ms"])
+                entry["ratios"].append(row["stage1_over_sumsq"])
+            else:
+                entry["medians_ms"].append(row["median_ms"])
+                entry["ratios"].append(row["ratio_to_sgd_foreach"])
+    out = []
+    for entry in table.values():
+        entry["median_ratio"] = statistics.median(entry["ratios"])
+        entry["min_ratio"], entry["max_ratio"] = min(entry["ratios"]), max(entry["ratios"])
+        out.append(entry)
+    return out
+
+
+def summary_main(argv=None, prog=None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description="Summarise several runs of bench_step.py (JSON files).")
+    ap.add_argument("paths", nargs="+", help="two or more JSON files written by bench_step.py")
+    args = ap.parse_args(argv)
+    try:
+        rows = summarize_runs(args.paths)
+    except (ValueError, OSError, KeyError, json.JSONDecodeError) as exc:
+        ap.error(str(exc))
+    print(f"# {len(args.paths)} runs: {', '.join(os.path.basename(p) for p in args.paths)}")
+    for params in sorted({r["params"] for r in rows}):
+        print(f"\n{params / 1e6:.1f}M parameters: x SGD(foreach), per run, median [min, max]")
+        for r in rows:
+            if r["params"] == params and r["kind"] in ("sgd", "step", "sumsq"):
+                per = " ".join(f"{x:.2f}" for x in r["ratios"])
+                print(f"{r['provider']:<50} {per:<20} {r['median_ratio']:.2f} [{r['min_ratio']:.2f}, {r['max_ratio']:.2f}]")
+        print(f"stage 1 / (g*g).sum(), per run, median [min, max]")
+        for r in rows:
+            if r["params"] == params and r["kind"] == "split":
+                per = " ".join(f"{x:.2f}" for x in r["ratios"])
+                print(f"{r['provider']:<50} {per:<20} {r['median_ratio']:.2f} [{r['min_ratio']:.2f}, {r['max_ratio']:.2f}]")
     return 0
 
 

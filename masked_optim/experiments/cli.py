@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from .benchmark import main as bench_main
 
-        quick = ["--sizes", "1", "--modes", "amss+", "--granularities", "element", "--repeats", "5"]
+        quick = ["--sizes", "1", "--repeats", "5"]
         return bench_main(quick + rest, prog="masked-optim bench")
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
