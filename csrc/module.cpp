@@ -6,7 +6,12 @@
 // language implements, is declared and implemented here, in a fragment of the same namespace.
 #include <Python.h>
 
+// TORCH_VERSION_*: torch/headeronly/version.h since torch 2.9 or so, torch/version.h before.
+#if __has_include(<torch/headeronly/version.h>)
 #include <torch/headeronly/version.h>
+#else
+#include <torch/version.h>
+#endif
 #include <torch/library.h>
 
 #include <string>
