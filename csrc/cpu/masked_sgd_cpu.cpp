@@ -921,13 +921,17 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_impl(at::Tensor& param, const at::
       kept_per_thread[at::get_thread_num()] += kept;
     });
   } else {
-    const int64_t chunks = (n_units + kChunk - 1) / kChunk;
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    // Split by quads of units (one Philox evaluation each) with about kGrain elements per thread
+    // at least: a tensor of a few hundred large rows runs on every thread (split by chunks of
+    // kChunk units, it ran on one: at 100M parameters in such tensors the update took 1.8x scale's).
+    const int64_t quads = (n_units + 3) / 4;
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(4 * inner, 1));
+    at::parallel_for(0, quads, grain, [&](int64_t q0, int64_t q1) {
       alignas(64) float u[kChunk];
       int64_t kept = 0;
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t ubegin = c * kChunk;
-        const int64_t uend = std::min(n_units, ubegin + kChunk);
+      for (int64_t q = q0; q < q1; q += kChunk / 4) {
+        const int64_t ubegin = 4 * q;
+        const int64_t uend = std::min(n_units, 4 * std::min(q1, q + kChunk / 4));
         fill_uniforms(ukey, ubegin / 4, (uend - ubegin + 3) / 4, u);
         kept += h.has_momentum ? update_channels<true, scalar_t, acc_t>(h, g, p, b, scores, inner, ubegin, uend, u)
                                : update_channels<false, scalar_t, acc_t>(h, g, p, b, scores, inner, ubegin, uend, u);
