@@ -97,10 +97,13 @@ def test_bench_writes_json_with_machine_and_results(tmp_path, capsys):
     assert {"date", "machine", "args", "results"} <= set(data)
     assert data["machine"]["torch"] == torch.__version__
     providers = {r["provider"] for r in data["results"]}
-    assert "torch.optim.SGD(foreach)" in providers and "masked reference (amss+, element)" in providers
+    assert "torch.optim.SGD(foreach)" in providers
+    # The quick bench times every mode (tests/test_bench.py checks the report in detail).
+    assert data["args"]["modes"] == "scale,uniform,amss,amss+" and data["args"]["sizes"] == "0.02"
     for r in data["results"]:
-        assert r["median_ms"] > 0 and r["ratio_to_sgd_foreach"] > 0
-    assert "x SGD" in capsys.readouterr().out
+        if r["kind"] != "split":
+            assert r["median_ms"] > 0 and r["ratio_to_sgd_foreach"] > 0
+    assert "x foreach" in capsys.readouterr().out
 
 
 def _train_args(tmp_path, name, *extra):

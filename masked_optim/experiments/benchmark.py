@@ -218,7 +218,7 @@ def summarize(times: list[float]) -> dict:
     return {"median_ms": med * 1e3, "p20_ms": q[0] * 1e3, "p80_ms": q[-1] * 1e3}
 
 
-def machine(device: torch.device) -> dict:
+def machine(device: torch.device = torch.device("cpu")) -> dict:
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
