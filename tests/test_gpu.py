@@ -20,7 +20,6 @@ tests/test_backends.py does on CPU tensors.
    ``torch.optim.SGD`` bit for bit.
 """
 
-import functools
 import os
 
 import pytest
@@ -47,6 +46,7 @@ from masked_optim.functional import _single_tensor_masked_sgd, inclusion_scalars
 from masked_optim.modes import Mode  # noqa: E402
 from masked_optim.rng import derive_key, philox_uniform  # noqa: E402
 from tolerances import TOLERANCES, assert_close_normwise  # noqa: E402
+from test_rng import _rand4x_kernel  # noqa: E402  (the tl.rand4x kernel of the CPU Philox tests, launched here on CUDA)
 
 DEVICE = torch.device("cuda")
 FUSED = ("cuda", "triton")
@@ -125,26 +125,6 @@ def test_philox_uniform_op_on_device_equals_cpu(key):
         out = torch.empty(n, dtype=torch.float32, device=DEVICE)
         torch.ops.masked_optim.philox_uniform_(out, key)
         assert torch.equal(out.cpu(), philox_uniform(key, n)), n
-
-
-@functools.cache
-def _rand4x_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def kernel(out_ptr, seed, counter_base, n, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        local = pid * BLOCK + tl.arange(0, BLOCK)
-        counters = local.to(tl.int64) + counter_base
-        u0, u1, u2, u3 = tl.rand4x(seed, counters)
-        base = local * 4
-        tl.store(out_ptr + base, u0, mask=base < n)
-        tl.store(out_ptr + base + 1, u1, mask=base + 1 < n)
-        tl.store(out_ptr + base + 2, u2, mask=base + 2 < n)
-        tl.store(out_ptr + base + 3, u3, mask=base + 3 < n)
-
-    return kernel
 
 
 @pytest.mark.parametrize("key", KEYS, ids=_ids)
