@@ -708,7 +708,11 @@ def test_dispatch_runs_the_resolved_backend_and_matches_masked_sgd(backend, mask
     sparse = mask != "none"
     assert asked == ([(backend, torch.device("cpu"), "poisson")] * 2 if sparse else [])  # dense: no resolving
     assert [b.name for b in batch.backends] == [backend if sparse else "reference"] * 2
-    assert len(probes.local) == 2 and all(bool(torch.isfinite(p)) for p in probes.local) and not probes.sharded
+    # cpp's stage 1 probes each sampled tensor; every other tensor is in one multi-tensor norm
+    # per group and dtype (both gradients here are float32).
+    per_tensor = backend == "cpp" and mask in ("uniform", "amss", "amss+")
+    assert len(probes.local) == (2 if per_tensor else 1) and not probes.sharded
+    assert all(bool(torch.isfinite(p)) for p in probes.local)
     assert [j for j, _ in probes.scored] == ([0, 1] if mask in ("uniform", "amss", "amss+") else [])
     kept = masked_sgd_step(batch)
     assert all(b is not None and b.shape == p.shape for b, p in zip(batch.momentum_buffers, batch.params))
@@ -731,9 +735,12 @@ def test_cpp_prepare_is_its_stage_one_and_its_sum_of_squares_probe():
     assert torch.equal(prepared[0], scalars) and torch.equal(prepared[1], scores)
     assert probe.dtype == torch.float64 and torch.equal(probe, sumsq)
     assert torch.isclose(probe, batch.grads[0].double().square().sum())
-    # mask="scale" has no stage 1: the min + max probe, nothing prepared
+    # mask="scale" has no stage 1: nothing prepared, and the default probe, which prepare()
+    # computes for the whole group at once
+    from masked_optim.backends.dispatch import DEFERRED
+
     prepared, probe = backend_named("cpp").prepare(_batch("scale"), 0)
-    assert prepared is None and probe.dtype == torch.float64
+    assert prepared is None and probe is DEFERRED
 
 
 @pytest.mark.parametrize("backend", _cpu_backends())
@@ -744,11 +751,31 @@ def test_dispatch_probes_flag_nan_and_overflowing_squares(backend):
     first, second = _batch("amss+", grads=grads[:2], backend=backend), _batch("amss+", grads=grads[2:], backend=backend)
     probes = prepare([first, second], lambda requested, device, sampler: requested, check=True)
     finite = [bool(torch.isfinite(p)) for p in probes.local]
-    assert finite == [True, False, False] + ([True] if backend == "cpp" else [])  # cpp probes empty gradients too
+    if backend == "cpp":  # one probe per tensor (its stage 1), empty gradients too
+        assert finite == [True, False, False, True]
+    else:  # one probe per group and dtype: the NaN, and the 1e30 whose square overflows float32
+        assert finite == [False, False]
     assert [j for j, _ in probes.scored] == [0, 1, 2]  # positions among every group's gradients; empty ones skipped
     # nonfinite="ignore": nothing probed, nothing prepared (the kernels compute their own stage 1)
     probes = prepare([_batch("amss+", backend=backend)], lambda *a: backend, check=False)
     assert probes.local == [] and probes.scored == []
+
+
+def test_norm_probes_group_by_dtype_and_compute_half_norms_in_float32():
+    """The default probe: one multi-tensor 2-norm per group, device and dtype, in the compute
+    dtype, so that a float16 gradient whose norm exceeds float16's range (65504) is no alarm."""
+    from masked_optim.backends import prepare
+
+    grads = [torch.full((10,), 30000.0, dtype=torch.float16), torch.ones(3, dtype=torch.float64),
+             torch.ones(2), torch.full((2,), 1e300, dtype=torch.float64).to(torch.float32)]
+    batch = _batch("scale", grads=grads[:3], backend="reference")
+    probes = prepare([batch], lambda requested, device, sampler: requested, check=True)
+    assert len(probes.local) == 3 and all(p.dtype == torch.float64 and p.dim() == 0 for p in probes.local)
+    assert all(bool(torch.isfinite(p)) for p in probes.local)
+    # an infinite float32 gradient (1e300 rounds to inf) makes its group's probe non-finite
+    batch = _batch("scale", grads=grads[2:], backend="reference")
+    probes = prepare([batch], lambda requested, device, sampler: requested, check=True)
+    assert [bool(torch.isfinite(p)) for p in probes.local] == [False]
 
 
 def test_dispatch_backend_objects_are_shared_and_names_are_checked():

@@ -3,17 +3,18 @@
 //
 // Two passes over one tensor (docs/algorithm.md §2; mode 5, scale, skips stage 1 and samples nothing):
 //   1. a reduction over the gradient: sum and max of the unit scores s_j = g_j^2 (per element or
-//      per slice), and the water-filling constant when some unit saturates (rare: extra passes);
-//   2. one fused pass that draws the Philox uniforms of a chunk, forms q = min(1, alpha s + beta),
+//      per slice) and, in the same read, the scores that may saturate (the water-filling
+//      candidates), whose rounds then scan only those (docs/backends.md, "The cpp stage 1");
+//   2. one fused pass that draws the Philox uniforms of a piece, forms q = min(1, alpha s + beta),
 //      masks and rescales the gradient and applies weight decay, momentum and the update.
 // Arithmetic is in float32 (float64 for float64 tensors); half types are converted on load/store.
 //
-// Performance notes (2-core AMD EPYC, AVX-512, 10M fp32 elements): Philox4x32-10 is ~40 integer
-// multiplies per 4 units; the uniforms of a chunk are drawn in a separate loop over counters so the
-// compiler vectorises it (vpmuludq on 8 lanes). Runtime ISA dispatch (target_clones) keeps that
-// vectorisation in a portable build; without it the loop stays scalar and is several times slower.
-// The update loop is a plain elementwise loop over the chunk. Chunks of 4096 elements keep the
-// uniforms in L1 while the gradient, parameter and buffer stream through once.
+// Performance notes (2-core AMD EPYC, Zen 4, AVX-512): Philox4x32-10 is ~40 integer multiplies per
+// 4 units, hand-written for AVX-512 (two independent groups of 16 blocks); elsewhere a loop over
+// counters that the compiler vectorises in the target_clones (x86-64-v4/v3/default), without which
+// it stays scalar and is several times slower. The uniforms of 256 elements are drawn just before
+// they are applied, so they stay in L1 while the gradient, parameter and buffer stream through
+// once. Parallel regions use torch's grain (kGrain). docs/backends.md has the measurements.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -6,8 +6,9 @@ and hands it here, in two calls so that nothing is updated before every gradient
 1. :func:`prepare` (all groups at once): picks each tensor's backend and runs the backend's
    preparation, which also yields the probe of the non-finite check (:class:`Probes`). The cpp
    backend runs its fused stage 1 (``torch.ops.masked_optim.tensor_scalars``), whose float64 sum
-   of ``g**2`` is the probe and whose ``[alpha, beta]`` and scores the kernel then reuses; every
-   other backend (and ``mask="scale"``, which has no stage 1) probes with one ``aminmax``.
+   of ``g**2`` is the probe and whose ``[alpha, beta]`` and scores the kernel then reuses; the
+   other tensors (other backends, and ``mask="scale"``, which has no stage 1) are probed together,
+   by one multi-tensor ``torch._foreach_norm`` per group, device and dtype (shards: ``aminmax``).
 2. :func:`masked_sgd_step` (per group, once the probes are all finite): runs each backend on its
    tensors and returns the kept-unit counts.
 
@@ -95,22 +96,40 @@ class Probes:
     scored: list[tuple[int, Tensor]] = field(default_factory=list)
 
 
-def _minmax_probe(batch: GroupTensors, i: int) -> Optional[Tensor]:
-    """``min(g) + max(g)`` in float64: NaN or +-Inf iff ``g`` has one (None for an empty ``g``,
-    except for a shard, which every rank probes). For a tensor sampled by importance, also
-    non-finite iff ``max |g|`` squared overflows in the compute dtype."""
+# What Backend.prepare returns for a probe that prepare() computes, with the group's others, in one
+# multi-tensor norm (_norm_probes).
+DEFERRED = object()
+
+
+def _minmax_probe(batch: GroupTensors, i: int) -> Tensor:
+    """The probe of a shard: ``min(g) + max(g)`` in float64, NaN or +-Inf iff ``g`` has one
+    (summed over the shards; every rank probes, also with an empty shard)."""
     g = batch.grads[i]
-    if batch.shards[i] is not None:
-        low, high = torch.aminmax(g) if g.numel() else (g.new_zeros(()), g.new_zeros(()))
-        return low.double() + high.double()
-    if not g.numel():
-        return None
-    low, high = torch.aminmax(g)
-    probe = low.double() + high.double()
-    if batch.sparse and batch.mode.sampled:
-        peak = torch.maximum(low.abs(), high.abs()).to(_compute_dtype(g.dtype))
-        probe = probe + (peak * peak * 0).double()
-    return probe
+    low, high = torch.aminmax(g) if g.numel() else (g.new_zeros(()), g.new_zeros(()))
+    return low.double() + high.double()
+
+
+def _norm_probes(batch: GroupTensors, idx: list[int]) -> list[Tensor]:
+    """The probes of tensors ``idx`` (unsharded, non-empty): one 0-d float64 tensor per device and
+    dtype, the largest of their 2-norms (``torch._foreach_norm``: one multi-tensor launch, not a
+    reduction per tensor), computed in the compute dtype. NaN or Inf iff a gradient has one, or
+    its norm overflows (a false alarm, which the optimizer's precise check clears). For tensors
+    sampled by importance, also non-finite when a norm squared overflows, i.e. possibly some
+    ``g**2`` (the precise check tells which)."""
+    groups: dict[tuple, list[Tensor]] = {}
+    for i in idx:
+        g = batch.grads[i]
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    squares = batch.sparse and batch.mode.sampled
+    out = []
+    for (_, dtype), grads in groups.items():
+        compute = _compute_dtype(dtype)
+        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=None if compute == dtype else compute))
+        probe = norms.double()
+        if squares:
+            probe = probe + (norms * norms * 0).double()
+        out.append(probe.amax())
+    return out
 
 
 class Backend:
@@ -118,9 +137,11 @@ class Backend:
 
     name = ""
 
-    def prepare(self, batch: GroupTensors, i: int) -> tuple[Optional[tuple], Optional[Tensor]]:
-        """``(prepared, probe)`` for tensor ``i``: what ``run`` may reuse, and its non-finite probe."""
-        return None, _minmax_probe(batch, i)
+    def prepare(self, batch: GroupTensors, i: int) -> tuple[Optional[tuple], Any]:
+        """``(prepared, probe)`` for tensor ``i``: what ``run`` may reuse, and its non-finite probe,
+        or :data:`DEFERRED` for the default probe, which :func:`prepare` computes for all such
+        tensors of the group at once."""
+        return None, DEFERRED
 
     def run(self, batch: GroupTensors, idx: list[int], bufs: list[Optional[Tensor]]) -> list[Union[Tensor, int]]:
         """Update tensors ``idx`` of ``batch`` (``bufs`` their momentum buffers, replaced in place
@@ -205,7 +226,8 @@ class FusedBackend(Backend):
 class CppBackend(FusedBackend):
     """The fused C++ op on CPU tensors, whose stage 1 runs in :meth:`prepare`: its float64 sum of
     ``g**2`` is the probe (non-finite iff ``g`` has NaN or Inf or a square overflows), and the
-    kernel reuses its ``[alpha, beta]`` and scores. ``mask="scale"`` has no stage 1: min + max."""
+    kernel reuses its ``[alpha, beta]`` and scores. ``mask="scale"`` has no stage 1: the default
+    (deferred) probe."""
 
     def prepare(self, batch, i):
         if not batch.mode.sampled:
@@ -259,14 +281,20 @@ def prepare(batches: list[GroupTensors], resolve: Resolver, check: bool) -> Prob
     for batch in batches:
         _route(batch, resolve)
         batch.prepared = [None] * len(batch.params)
+        deferred = []
         for i, backend in enumerate(batch.backends if check else ()):
             batch.prepared[i], probe = backend.prepare(batch, i)
             if batch.shards[i] is not None:
+                probe = _minmax_probe(batch, i) if probe is DEFERRED else probe
                 probes.sharded.setdefault(batch.shards[i].all_reduce, []).append(probe)
+            elif probe is DEFERRED:
+                if batch.grads[i].numel():
+                    deferred.append(i)
             elif probe is not None:
                 probes.local.append(probe)
             if batch.sparse and batch.mode.sampled and batch.grads[i].numel():
                 probes.scored.append((offset + i, batch.grads[i]))
+        probes.local.extend(_norm_probes(batch, deferred))
         offset += len(batch.grads)
     return probes
 
