@@ -365,6 +365,8 @@ def _ok_args():
         (dict(scalars=torch.zeros(2, dtype=torch.float64)), "scalars must be a torch.float32 tensor"),
         (dict(scores=torch.zeros(7)), "scores must be None or a 1-D tensor of 8 units"),
         (dict(smoothing=1.5), "smoothing must be in"),
+        (dict(rate=0.0), r"rate must be in \(0, 1\], got 0.0"),
+        (dict(rate=1.5), r"rate must be in \(0, 1\], got 1.5"),
         (dict(lr=math.nan), "lr must be a finite real number"),
         (dict(max_iter=-1), "max_iter must be a non-negative int"),
     ],

@@ -22,9 +22,10 @@ Two passes over the tensor:
   the same SGD update; every unit counts as kept and ``[alpha, beta] = [0, 1]``.
 
 Bit parity of the mask with the reference needs ``q`` rounded exactly as torch rounds
-``scores * alpha + beta`` (a product, then a sum): the stage-2 kernel is launched and compiled with
+``scores * alpha + beta`` (a product, then a sum): every kernel is launched and compiled with
 ``enable_fp_fusion=False`` so that no fused multiply-add is ever formed (Triton fuses ``a*b + c``
-into an FMA by default). ``1/q`` uses IEEE round-to-nearest division.
+into an FMA by default; in the stage-1 reductions an FMA would only move the sums by rounding, in
+stage 2 it would change masks). ``1/q`` uses IEEE round-to-nearest division.
 
 Runtime scalars (lr, momentum, dampening, weight decay, key, ...) are kernel arguments, never
 ``tl.constexpr``: changing them does not recompile. Float scalars are float64 kernel arguments
@@ -351,8 +352,8 @@ def _validate(param, grad, momentum_buffer, scores, scalars, key, rate, smoothin
                     ("dampening", dampening), ("weight_decay", weight_decay)):
         if not _is_real(v) or not math.isfinite(v):
             raise ValueError(f"{fn}: {name} must be a finite real number, got {v!r}")
-    if rate < 0:
-        raise ValueError(f"{fn}: rate must be >= 0, got {rate!r}")
+    if not 0 < rate <= 1:  # as the cpp and CUDA kernels
+        raise ValueError(f"{fn}: rate must be in (0, 1], got {rate!r}")
     if not 0.0 <= smoothing <= 1.0:
         raise ValueError(f"{fn}: smoothing must be in [0, 1], got {smoothing!r}")
     if isinstance(block, bool) or not isinstance(block, int) or block < 16 or block & (block - 1):
@@ -400,7 +401,7 @@ def _element_stage1(grad: Tensor, n: int, rate: float, smoothing: float, max_ite
     grid = _cdiv(n, block)
     psum = torch.empty(grid, dtype=cdtype, device=grad.device)
     pmax = torch.empty(grid, dtype=cdtype, device=grad.device)
-    _element_reduce_kernel[(grid,)](grad, psum, pmax, n, BLOCK=block, F64=f64)
+    _element_reduce_kernel[(grid,)](grad, psum, pmax, n, BLOCK=block, F64=f64, enable_fp_fusion=False)
     total = psum.sum()
     mx = pmax.max()
     gamma = float(smoothing)
@@ -436,7 +437,7 @@ def _channel_scores(grad: Tensor, n_units: int, inner: int, block: int) -> Tenso
     rows = max(1, min(block // cols, _next_pow2(n_units)))
     out = torch.empty(n_units, dtype=cdtype, device=grad.device)
     _channel_scores_kernel[(_cdiv(n_units, rows),)](
-        grad, out, n_units, inner, ROWS=rows, COLS=cols, F64=cdtype == torch.float64
+        grad, out, n_units, inner, ROWS=rows, COLS=cols, F64=cdtype == torch.float64, enable_fp_fusion=False
     )
     return out
 
