@@ -47,6 +47,9 @@ __all__ = [
     "GRANULARITIES",
     "SAMPLERS",
     "masked_sgd",
+    "masked_adamw",
+    "unit_mask",
+    "sampled_units",
     "masked_gradient",
     "masked_gradient_given_scalars",
     "inclusion_probability",
@@ -215,6 +218,36 @@ def masked_gradient(
         return g, n
     if mask == "scale":  # a per-modality step size: no sampling, local to each shard
         return g * float(rate), n
+    keep, weight = unit_mask(
+        g, rate=rate, key=key, mask=mask, granularity=granularity, smoothing=smoothing, sampler=sampler,
+        unbiased=unbiased, max_iter=max_iter, shard=shard,
+    )
+    return _apply_mask(g, keep, weight, granularity)
+
+
+def unit_mask(
+    grad: Tensor,
+    *,
+    rate: float,
+    key: int,
+    mask: str,
+    granularity: str = "element",
+    smoothing: float = 0.5,
+    sampler: str = "poisson",
+    unbiased: Optional[bool] = None,
+    max_iter: int = WATERFILL_MAX_ITER,
+    shard: Optional[ShardSpec] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """The mask of one sampled step: ``(keep, weight)`` per unit (``weight`` None when biased).
+
+    For a sampling ``mask`` (``uniform``, ``amss``, ``amss+``) at ``rate < 1`` on a tensor with units;
+    ``grad`` is in the compute dtype, already negated for ``maximize``. The Poisson sampler computes
+    the water-filling scalars (:func:`inclusion_scalars`) and draws with :func:`sampled_units`; the
+    multinomial one keeps ``ceil(rate N)`` units as the official AMSS code. :func:`masked_gradient`
+    (SGD) and :func:`masked_adamw` (AdamW) both draw their masks here.
+    """
+    cdtype = _compute_dtype(grad.dtype)
+    n = _num_units(grad.shape, granularity)
     if unbiased is None:
         unbiased = mask == "amss+"
     if shard is not None and sampler == "multinomial":
@@ -222,37 +255,35 @@ def masked_gradient(
             "Invalid sampler='multinomial' for a sharded (FSDP) tensor; allowed: 'poisson' (the "
             "multinomial sampler needs a global top-k over the whole tensor)"
         )
-    if sampler == "multinomial":
-        u = philox_uniform(key, n, device=grad.device)
-        if mask == "uniform":
-            pi = torch.full((n,), 1.0 / n, dtype=cdtype, device=grad.device)
-        else:
-            scores = unit_scores(g, granularity)
-            total = scores.sum()
-            pi = torch.where(total > 0, scores / total, 1.0 / n)
-        k = multinomial_keep_count(rate, n)
-        # Sequential sampling without replacement with probability proportional to pi is the
-        # k smallest of E_j / pi_j with E_j ~ Exp(1) (Efraimidis & Spirakis); E_j = -log(1 - u_j).
-        exp_keys = -torch.log1p(-u.to(cdtype)) / pi
-        keep = torch.zeros(n, dtype=torch.bool, device=grad.device)
-        keep[torch.topk(exp_keys, k, largest=False, sorted=False).indices] = True
-        if not unbiased:
-            scale = None
-        elif mask == "uniform":
-            scale = torch.full_like(pi, 1.0 / rate)
-        else:  # the official code's AMSS+ weights, not 1/q (docs/algorithm.md §2)
-            scale = 1.0 / (pi + 1.0 / n)
-    else:
+    if sampler != "multinomial":
         scalars = scores = None
         if mask != "uniform":
-            scores = unit_scores(g, granularity)
+            scores = unit_scores(grad, granularity)
             scalars = inclusion_scalars(scores, rate, smoothing, max_iter, shard)
-        return masked_gradient_given_scalars(
-            g, rate=rate, key=key, mask=mask, granularity=granularity, scalars=scalars, scores=scores,
+        return sampled_units(
+            grad, rate=rate, key=key, mask=mask, granularity=granularity, scalars=scalars, scores=scores,
             unbiased=unbiased, unit_offset=0 if shard is None else shard.unit_offset,
         )
-
-    return _apply_mask(g, keep, scale, granularity)
+    u = philox_uniform(key, n, device=grad.device)
+    if mask == "uniform":
+        pi = torch.full((n,), 1.0 / n, dtype=cdtype, device=grad.device)
+    else:
+        scores = unit_scores(grad, granularity)
+        total = scores.sum()
+        pi = torch.where(total > 0, scores / total, 1.0 / n)
+    k = multinomial_keep_count(rate, n)
+    # Sequential sampling without replacement with probability proportional to pi is the
+    # k smallest of E_j / pi_j with E_j ~ Exp(1) (Efraimidis & Spirakis); E_j = -log(1 - u_j).
+    exp_keys = -torch.log1p(-u.to(cdtype)) / pi
+    keep = torch.zeros(n, dtype=torch.bool, device=grad.device)
+    keep[torch.topk(exp_keys, k, largest=False, sorted=False).indices] = True
+    if not unbiased:
+        weight = None
+    elif mask == "uniform":
+        weight = torch.full_like(pi, 1.0 / rate)
+    else:  # the official code's AMSS+ weights, not 1/q (docs/algorithm.md §2)
+        weight = 1.0 / (pi + 1.0 / n)
+    return keep, weight
 
 
 def masked_gradient_given_scalars(
@@ -287,6 +318,35 @@ def masked_gradient_given_scalars(
         return g, n
     if mask == "scale":  # a per-modality step size: no sampling, local to each shard
         return g * float(rate), n
+    keep, weight = sampled_units(
+        g, rate=rate, key=key, mask=mask, granularity=granularity, scalars=scalars, scores=scores,
+        unbiased=unbiased, unit_offset=unit_offset,
+    )
+    return _apply_mask(g, keep, weight, granularity)
+
+
+def sampled_units(
+    grad: Tensor,
+    *,
+    rate: float,
+    key: int,
+    mask: str,
+    granularity: str = "element",
+    scalars: Union[Tensor, tuple, None] = None,
+    scores: Optional[Tensor] = None,
+    unbiased: Optional[bool] = None,
+    unit_offset: int = 0,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """The mask of one sampled step (Poisson sampler): ``(keep, weight)``, per unit.
+
+    ``keep[j] = u_j < q_j`` (docs/algorithm.md §2.4) with ``q_j = rate`` (``mask="uniform"``) or
+    ``min(1, alpha s_j + beta)`` from ``scalars = [alpha, beta]`` (``amss``, ``amss+``), and
+    ``weight = 1 / q`` when ``unbiased`` (default: ``mask == "amss+"``), else None. ``grad`` is in the
+    compute dtype, already negated for ``maximize``. Both optimizers' references draw their masks
+    here (the SGD step weights the gradient, the AdamW step the update: docs/algorithm.md §2.8).
+    """
+    cdtype = _compute_dtype(grad.dtype)
+    n = _num_units(grad.shape, granularity)
     if unbiased is None:
         unbiased = mask == "amss+"
     if mask == "uniform":
@@ -294,10 +354,10 @@ def masked_gradient_given_scalars(
     else:
         if scalars is None:
             raise ValueError(f"masked_gradient_given_scalars: mask={mask!r} needs scalars=[alpha, beta]")
-        q = inclusion_probability(unit_scores(g, granularity) if scores is None else scores, scalars[0], scalars[1])
+        q = inclusion_probability(unit_scores(grad, granularity) if scores is None else scores, scalars[0], scalars[1])
     u = philox_uniform(key, n, device=grad.device, offset=unit_offset)
     keep = u.to(cdtype) < q
-    return _apply_mask(g, keep, 1.0 / q if unbiased else None, granularity)
+    return keep, (1.0 / q if unbiased else None)
 
 
 def _apply_mask(g: Tensor, keep: Tensor, weight: Optional[Tensor], granularity: str) -> tuple[Tensor, Tensor]:
@@ -429,3 +489,116 @@ def masked_sgd(
         max_iter=max_iter,
         shards=shards,
     )
+
+
+def _adamw_dense(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
+                 weight_decay, amsgrad, maximize) -> None:
+    """``torch.optim.AdamW``'s own single-tensor step (``foreach=False``), so that masking off is
+    AdamW bit for bit. ``max_exp_avg_sqs`` entries may be None without amsgrad."""
+    from torch.optim.adamw import adamw  # noqa: PLC0415
+
+    adamw(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], state_steps, foreach=False,
+        amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=maximize,
+    )
+
+
+def masked_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Optional[Tensor]],
+    state_steps: list[Tensor],
+    keys: list[int],
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    mask: str = "amss+",
+    rate: float = 1.0,
+    granularity: str = "element",
+    smoothing: float = 0.5,
+    sampler: str = "poisson",
+    unbiased: Optional[bool] = None,
+    max_iter: int = WATERFILL_MAX_ITER,
+    shards: Optional[list[Optional[ShardSpec]]] = None,
+) -> list[Union[Tensor, int]]:
+    """Functional masked AdamW (docs/algorithm.md §2.8) over tensors that share one modality and rate.
+
+    State as :class:`torch.optim.AdamW`'s: ``exp_avgs``, ``exp_avg_sqs`` (and ``max_exp_avg_sqs``
+    with ``amsgrad``) are updated in place, and each 0-d ``state_steps`` tensor is incremented (a
+    tensor's step counts every step it has a gradient, kept units or not). ``keys[i]`` is the Philox
+    key of ``params[i]`` for this step; the masks are those of the SGD step (:func:`unit_mask`).
+
+    * ``mask="none"``, ``rate >= 1``: ``torch.optim.AdamW``'s own step (bit for bit).
+    * ``mask="scale"``: the same with ``lr * rate``: the whole step, Adam update and decoupled
+      weight decay, times the rate.
+    * ``uniform``, ``amss``, ``amss+``: a lazy step. A unit that is not kept is untouched (its
+      parameter, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), as in ``torch.optim.SparseAdam``;
+      a kept unit takes the AdamW step, ``p <- p - w (lr wd p + lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps))``
+      with the bias corrections of the tensor's step, ``w = 1/q`` when unbiased (``amss+``, unbiased
+      ``uniform``) and 1 otherwise.
+
+    Returns the kept-unit count per tensor (as :func:`masked_sgd`). Half-precision tensors are
+    updated in float32 and rounded back once on the masked path; the dense and scale paths are
+    torch's, in the tensor's dtype.
+    """
+    n_params = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(max_exp_avg_sqs) == len(state_steps) == len(keys) == n_params):
+        raise ValueError(
+            "masked_adamw: params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps and keys must have "
+            f"equal lengths, got {n_params}, {len(grads)}, {len(exp_avgs)}, {len(exp_avg_sqs)}, "
+            f"{len(max_exp_avg_sqs)}, {len(state_steps)}, {len(keys)}"
+        )
+    if shards is not None and len(shards) != n_params:
+        raise ValueError(f"masked_adamw: shards must have one entry per param, got {len(shards)} for {n_params}")
+    hyper = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+    if mask in ("none", "scale") or rate >= 1.0:
+        _adamw_dense(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                     lr=lr * rate if mask == "scale" and rate < 1.0 else lr, **hyper)
+        return [_num_units(p.shape, granularity) for p in params]
+    kept_counts: list[Union[Tensor, int]] = []
+    for i, param in enumerate(params):
+        shard = None if shards is None else shards[i]
+        n = _num_units(param.shape, granularity)
+        if n == 0 if shard is None else shard.num_units == 0:
+            _adamw_dense([param], [grads[i]], [exp_avgs[i]], [exp_avg_sqs[i]], [max_exp_avg_sqs[i]], [state_steps[i]],
+                         lr=lr, **hyper)
+            kept_counts.append(n)
+            continue
+        cdtype = _compute_dtype(param.dtype)
+        g = grads[i].to(cdtype)
+        g = -g if maximize else g
+        keep, weight = unit_mask(
+            g, rate=rate, key=keys[i], mask=mask, granularity=granularity, smoothing=smoothing, sampler=sampler,
+            unbiased=unbiased, max_iter=max_iter, shard=shard,
+        )
+        kept_counts.append(keep.sum())
+        state_steps[i] += 1
+        step = float(state_steps[i])
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        p, m, v = param.to(cdtype), exp_avgs[i].to(cdtype), exp_avg_sqs[i].to(cdtype)
+        m_new = m.lerp(g, 1 - beta1)
+        v_new = v.mul(beta2).addcmul_(g, g, value=1 - beta2)
+        k = _unit_view(keep, p, granularity)
+        if amsgrad:
+            vmax_new = torch.maximum(max_exp_avg_sqs[i].to(cdtype), v_new)
+            denom = (vmax_new.sqrt() / bias_correction2_sqrt).add_(eps)
+            max_exp_avg_sqs[i].copy_(torch.where(k, vmax_new, max_exp_avg_sqs[i].to(cdtype)))
+        else:
+            denom = (v_new.sqrt() / bias_correction2_sqrt).add_(eps)
+        delta = (m_new / denom).mul_(lr / bias_correction1)
+        if weight_decay != 0:
+            delta.add_(p, alpha=lr * weight_decay)
+        if weight is not None:
+            delta.mul_(_unit_view(weight, p, granularity))
+        param.copy_(torch.where(k, p - delta, p))
+        exp_avgs[i].copy_(torch.where(k, m_new, m))
+        exp_avg_sqs[i].copy_(torch.where(k, v_new, v))
+    return kept_counts
