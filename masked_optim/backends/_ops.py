@@ -3,12 +3,13 @@
 Each schema below is defined here (``torch.library.Library("masked_optim", "FRAGMENT")``) and
 nowhere else; implementations register per device:
 
-* ``masked_sgd_``, ``tensor_scalars``, ``philox_uniform_``: the compiled extension
+* ``masked_sgd_``, ``masked_adamw_``, ``tensor_scalars``, ``philox_uniform_``: the compiled extension
   ``masked_optim._C`` (``TORCH_LIBRARY_IMPL`` for CPU in csrc/cpu/masked_sgd_cpu.cpp, for CUDA in
   csrc/cuda/masked_sgd_cuda_binding.cpp). :mod:`._cpp_lib` imports this module before loading it.
   The extension itself only defines ``build_info`` (csrc/module.cpp), in a fragment of the namespace.
-* ``masked_sgd_triton_``: the Triton kernels (:mod:`.triton_kernels`, registered for CUDA, and for
-  CPU under ``TRITON_INTERPRET=1``), with the schema of ``masked_sgd_`` (one string, shared).
+* ``masked_sgd_triton_``, ``masked_adamw_triton_``: the Triton kernels (:mod:`.triton_kernels`,
+  registered for CUDA, and for CPU under ``TRITON_INTERPRET=1``), with the schemas of
+  ``masked_sgd_`` and ``masked_adamw_`` (one string each, shared).
 
 The fake ("meta") kernels give the output shapes without running anything, for ``torch.compile``
 and meta tensors; tests/test_ops.py runs ``torch.library.opcheck`` on every op. Importing this
@@ -22,7 +23,7 @@ import torch
 
 from ..modes import Mode
 
-__all__ = ["NAMESPACE", "MASKED_SGD_ARGS", "OPS", "LIB"]
+__all__ = ["NAMESPACE", "MASKED_SGD_ARGS", "MASKED_ADAMW_ARGS", "OPS", "LIB"]
 
 NAMESPACE = "masked_optim"
 
@@ -38,6 +39,18 @@ MASKED_SGD_ARGS = (
     "float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step) -> (Tensor, Tensor)"
 )
 
+# The kernel contract of one tensor's masked (lazy) AdamW step, docs/algorithm.md §2.8: updates param,
+# exp_avg, exp_avg_sq and (amsgrad) max_exp_avg_sq in place for the kept units only; `step` is the
+# tensor's step count after this step's increment (the caller increments the state's step tensor);
+# max_exp_avg_sq is an empty tensor without amsgrad. kernel_mode is 1..4 (uniform, uniform unbiased,
+# amss, amss+): the dense and scale steps are torch.optim.AdamW's own. Returns what masked_sgd_ returns.
+MASKED_ADAMW_ARGS = (
+    "(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) max_exp_avg_sq, "
+    "Tensor? scores, Tensor? scalars, int key, float rate, float smoothing, int max_iter, int kernel_mode, "
+    "bool channel, float lr, float beta1, float beta2, float eps, float weight_decay, float step, bool amsgrad, "
+    "bool maximize) -> (Tensor, Tensor)"
+)
+
 # name -> schema (without the name); the compiled and Triton implementations register against these.
 OPS = {
     # Fills `out` in place and returns nothing: torch.compile cannot functionalise a custom op whose
@@ -48,6 +61,8 @@ OPS = {
     "tensor_scalars": "(Tensor grad, float rate, float smoothing, int max_iter, int mode, bool channel) "
     "-> (Tensor, Tensor, Tensor)",
     "masked_sgd_triton_": MASKED_SGD_ARGS,
+    "masked_adamw_": MASKED_ADAMW_ARGS,
+    "masked_adamw_triton_": MASKED_ADAMW_ARGS,
 }
 
 LIB = torch.library.Library(NAMESPACE, "FRAGMENT")  # kept alive here: its registrations die with it
@@ -76,6 +91,19 @@ def _masked_sgd_fake(param, grad, momentum_buffer, scores, scalars, key, rate, s
 
 torch.library.register_fake(f"{NAMESPACE}::masked_sgd_", _masked_sgd_fake, lib=LIB)
 torch.library.register_fake(f"{NAMESPACE}::masked_sgd_triton_", _masked_sgd_fake, lib=LIB)
+
+
+def _masked_adamw_fake(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scores, scalars, key, rate, smoothing,
+                       max_iter, kernel_mode, channel, lr, beta1, beta2, eps, weight_decay, step, amsgrad, maximize):
+    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        torch._check(t.shape == param.shape, lambda: f"masked_adamw_: {name} shape {t.shape} != param shape {param.shape}")
+    torch._check(Mode.UNIFORM <= kernel_mode <= Mode.AMSS_PLUS,
+                 lambda: f"masked_adamw_: kernel_mode must be in 1..4, got {kernel_mode}")
+    return param.new_empty((), dtype=torch.int64), param.new_empty((2,), dtype=_acc_dtype(param.dtype))
+
+
+torch.library.register_fake(f"{NAMESPACE}::masked_adamw_", _masked_adamw_fake, lib=LIB)
+torch.library.register_fake(f"{NAMESPACE}::masked_adamw_triton_", _masked_adamw_fake, lib=LIB)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::tensor_scalars", lib=LIB)
