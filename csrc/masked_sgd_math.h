@@ -13,6 +13,7 @@
 // parameter where GCC would not vectorise the select), so the CPU element loop vectorises.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "philox.h"
@@ -196,6 +197,59 @@ MASKED_OPTIM_HD void sgd_update(const Hyper<acc_t>& h, acc_t gm, acc_t& p, acc_t
   } else {
     sgd_update<false>(h, gm, p, b);
   }
+}
+
+// ---- the lazy AdamW step (docs/algorithm.md §2.8; Python statement: masked_optim/functional.py,
+// masked_adamw). The mask (q, M, the unit weight 1/q when unbiased, else 1) is the SGD step's above.
+
+// The per-tensor hyper-parameters of one AdamW step in the compute dtype acc_t. `step` is the tensor's
+// step count after this step's increment; bias corrections are computed in double and rounded once.
+template <typename acc_t>
+struct AdamHyper {
+  acc_t one_minus_beta1, beta2, one_minus_beta2;
+  acc_t step_size;  // lr / (1 - beta1^step)
+  acc_t bc2_sqrt;   // sqrt(1 - beta2^step)
+  acc_t eps;
+  acc_t lr_wd;      // lr * weight_decay (decoupled weight decay)
+  bool has_weight_decay, amsgrad, maximize;
+};
+
+template <typename acc_t>
+inline AdamHyper<acc_t> make_adam_hyper(double lr, double beta1, double beta2, double eps, double weight_decay,
+                                        double step, bool amsgrad, bool maximize) {
+  AdamHyper<acc_t> h;
+  h.one_minus_beta1 = static_cast<acc_t>(1.0 - beta1);
+  h.beta2 = static_cast<acc_t>(beta2);
+  h.one_minus_beta2 = static_cast<acc_t>(1.0 - beta2);
+  h.step_size = static_cast<acc_t>(lr / (1.0 - std::pow(beta1, step)));
+  h.bc2_sqrt = static_cast<acc_t>(std::sqrt(1.0 - std::pow(beta2, step)));
+  h.eps = static_cast<acc_t>(eps);
+  h.lr_wd = static_cast<acc_t>(lr * weight_decay);
+  h.has_weight_decay = weight_decay != 0.0;
+  h.amsgrad = amsgrad;
+  h.maximize = maximize;
+  return h;
+}
+
+// One element's AdamW step from its gradient g (already negated for maximize), in torch's order:
+// m = lerp(m, g, 1 - beta1), v = beta2 v + (1 - beta2) g^2, vmax = max(vmax, v) (amsgrad),
+// denom = sqrt(v or vmax) / sqrt(bc2) + eps, p -= weight * (lr wd p + step_size m / denom).
+// Writes the new values only when `keep` (a unit that is not kept is untouched: a select, no branch).
+// `weight`: 1/q when unbiased, else 1. vmax is ignored without amsgrad.
+template <typename acc_t>
+MASKED_OPTIM_HD void adamw_update(const AdamHyper<acc_t>& h, acc_t g, bool keep, acc_t weight, acc_t& p, acc_t& m,
+                                  acc_t& v, acc_t& vmax) {
+  const acc_t m_new = m + h.one_minus_beta1 * (g - m);
+  const acc_t v_new = mul_rn(h.beta2, v) + h.one_minus_beta2 * (g * g);
+  const acc_t vmax_new = h.amsgrad && vmax > v_new ? vmax : v_new;
+  const acc_t denom = sqrt(h.amsgrad ? vmax_new : v_new) / h.bc2_sqrt + h.eps;
+  acc_t delta = h.step_size * (m_new / denom);
+  delta = h.has_weight_decay ? delta + h.lr_wd * p : delta;
+  const acc_t p_new = p - weight * delta;
+  p = keep ? p_new : p;
+  m = keep ? m_new : m;
+  v = keep ? v_new : v;
+  vmax = keep && h.amsgrad ? vmax_new : vmax;
 }
 
 }  // namespace masked_optim
