@@ -337,10 +337,12 @@ class MaskedOptimizer(Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)  # torch's fills the defaults it knows (e.g. differentiable)
+        ours = set(state.get("defaults", {}))  # before torch adds its own (e.g. 'differentiable')
+        super().__setstate__(state)
         for group in self.param_groups:  # checkpoints written before an option existed
             for key, value in self.defaults.items():
-                group.setdefault(key, value)
+                if key in ours:  # a torch flag in a group would make state_dict() differ after a copy
+                    group.setdefault(key, value)
         self.__dict__.setdefault("nonfinite", "raise")
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("_last_stats", None)

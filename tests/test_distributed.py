@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from masked_optim import MaskedMultiModalSGD, ModalSignificance, modality_param_groups
+from masked_optim import MaskedMultiModalAdamW, MaskedMultiModalSGD, ModalSignificance, modality_param_groups
 from masked_optim.experiments import build_model
 
 STEPS, BATCH, WORLD = 20, 64, 2
@@ -29,12 +29,15 @@ def _data():
     return x, y
 
 
-def _train(rank, world, ddp):
+def _train(rank, world, ddp, optimizer="sgd"):
     torch.manual_seed(0)
     model = build_model({"a": (10,), "b": (6,)}, 4)
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
-    opt = MaskedMultiModalSGD(modality_param_groups(model.encoders, shared=model.head), lr=0.05, momentum=0.9,
-                              weight_decay=1e-4, mask="amss", seed=7)
+    groups = modality_param_groups(model.encoders, shared=model.head)
+    if optimizer == "sgd":
+        opt = MaskedMultiModalSGD(groups, lr=0.05, momentum=0.9, weight_decay=1e-4, mask="amss", seed=7)
+    else:
+        opt = MaskedMultiModalAdamW(groups, lr=3e-3, weight_decay=1e-2, mask="amss+", seed=7)
     est = ModalSignificance(rule="softmax")  # the paper's rule trains: rates strictly inside (0, 1)
     ratio = ModalSignificance()  # the default ratio rule, on the same statistics (not used to train)
     x, y = _data()
@@ -54,31 +57,32 @@ def _train(rank, world, ddp):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, rates
 
 
-def _worker(rank, port, out):
+def _worker(rank, port, out, optimizer):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        out[rank] = _train(rank, WORLD, ddp=True)
+        out[rank] = _train(rank, WORLD, ddp=True, optimizer=optimizer)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_ddp_ranks_stay_identical_and_match_one_process():
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_ddp_ranks_stay_identical_and_match_one_process(optimizer):
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(port, out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(port, out, optimizer), nprocs=WORLD, join=True)
     (params0, rates0), (params1, rates1) = out[0], out[1]
     assert rates0 == rates1  # every step, every modality: the all-reduced statistics
     for k in params0:
         assert torch.equal(params0[k], params1[k]), k  # replicas bit-identical
-    single_params, single_rates = _train(0, 1, ddp=False)
+    single_params, single_rates = _train(0, 1, ddp=False, optimizer=optimizer)
     for pair_ddp, pair_one in zip(rates0, single_rates):  # softmax and ratio rules, ratio's release EMA
         for r_ddp, r_one in zip(pair_ddp, pair_one):
             for m in r_one:
