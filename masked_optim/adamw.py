@@ -65,7 +65,9 @@ class MaskedMultiModalAdamW(MaskedOptimizer):
             :class:`~masked_optim.MaskedMultiModalSGD`. The fused kernels run the masked modes;
             ``scale`` and unmasked tensors run torch's AdamW.
         foreach, fused: passed to :func:`torch.optim.adamw.adamw` for the tensors that run torch's
-            AdamW (unmasked, and ``scale``), with torch's meaning; None: torch's default.
+            AdamW (unmasked, and ``scale``), with torch's meaning. ``foreach=None`` (default) runs the
+            multi-tensor step on every device: on CPU it is torch's for-loop result bit for bit
+            (tested), several times faster.
 
     Example:
         >>> opt = MaskedMultiModalAdamW(modality_param_groups({"audio": a, "video": v}, shared=[head]), lr=1e-3)

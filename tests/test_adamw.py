@@ -46,8 +46,10 @@ def _params(enc, head):
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("how", ["mask-none", "rate-1", "plain-params"])
-def test_masking_off_is_torch_adamw_bit_for_bit(dtype, amsgrad, maximize, how):
-    """With a scheduler, a closure, weight decay, a zero-size parameter and one whose grad is None."""
+@pytest.mark.parametrize("foreach", [None, False, True])
+def test_masking_off_is_torch_adamw_bit_for_bit(dtype, amsgrad, maximize, how, foreach):
+    """With a scheduler, a closure, weight decay, a zero-size parameter and one whose grad is None;
+    against torch's for-loop step whatever ``foreach`` says (None: the multi-tensor step)."""
     enc, head = _model(dtype)
     enc2, head2 = copy.deepcopy(enc), copy.deepcopy(head)
     empty, empty2 = torch.nn.Parameter(torch.zeros(0, 3, dtype=dtype)), torch.nn.Parameter(torch.zeros(0, 3, dtype=dtype))
@@ -57,7 +59,7 @@ def test_masking_off_is_torch_adamw_bit_for_bit(dtype, amsgrad, maximize, how):
         groups = _params(enc, head) + [empty, unused]
     else:
         groups = modality_param_groups({"a": enc["a"], "b": enc["b"]}, shared=[*head.parameters(), empty, unused])
-    opt = MaskedMultiModalAdamW(groups, mask="none" if how == "mask-none" else "amss+", **kw)
+    opt = MaskedMultiModalAdamW(groups, mask="none" if how == "mask-none" else "amss+", foreach=foreach, **kw)
     ref = torch.optim.AdamW(_params(enc2, head2) + [empty2, unused2], foreach=False, **kw)
     scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (opt, ref)]
     for step in range(6):

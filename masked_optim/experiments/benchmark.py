@@ -1,4 +1,4 @@
-"""Optimizer-step microbenchmark: torch.optim.SGD against MaskedMultiModalSGD, side by side.
+"""Optimizer-step microbenchmark: torch.optim.SGD / AdamW against MaskedMultiModalSGD / AdamW, side by side.
 
 The implementation behind ``benchmarks/bench_step.py`` and ``python -m masked_optim bench``.
 
@@ -9,6 +9,8 @@ What is timed, per size (a realistic mix of fp32 tensors, momentum 0.9, one moda
 * ``MaskedMultiModalSGD`` on each fused backend that runs on ``--device`` (and the pure-PyTorch
   reference with ``--reference``), for every mode: ``scale`` (no granularity), and ``uniform``,
   ``amss``, ``amss+`` at element and channel granularity;
+* with ``--optimizer adamw``: ``torch.optim.AdamW`` (foreach, the baseline, and for-loop) against
+  ``MaskedMultiModalAdamW`` in the same modes (default hyperparameters, no momentum option);
 * the split of each masked step: **stage 1**, everything before the first parameter is written
   (routing, per-tensor scalars and water-filling, the non-finite check and its verdict), timed on
   its own; the update is the step minus stage 1;
@@ -50,11 +52,18 @@ from .. import __version__
 from ..backends import _cpp_lib, backend_status
 from ..backends.dispatch import prepare
 from ..modes import Mode
+from ..adamw import MaskedMultiModalAdamW
 from ..optim import MaskedMultiModalSGD
 from ..rng import derive_key
 
 BASELINE = "torch.optim.SGD(foreach)"
 LOOP = "torch.optim.SGD(for-loop)"
+# per --optimizer: (baseline name, for-loop name, torch class, masked class, keyword arguments of both)
+OPTIMIZERS = {
+    "sgd": (BASELINE, LOOP, torch.optim.SGD, MaskedMultiModalSGD, {"lr": 1e-3, "momentum": 0.9}),
+    "adamw": ("torch.optim.AdamW(foreach)", "torch.optim.AdamW(for-loop)", torch.optim.AdamW, MaskedMultiModalAdamW,
+              {"lr": 1e-3}),
+}
 SUMSQ = "(g*g).sum() of the same gradients"
 
 
@@ -152,11 +161,12 @@ def label(backend: str, mode: str, gran: str) -> str:
     return f"masked {backend} ({mode})" if mode == "scale" else f"masked {backend} ({mode}, {gran})"
 
 
-def fused_backends(device: torch.device) -> list[str]:
-    """The fused backends that run on ``device`` here (Triton on a CPU runs only in its interpreter: not timed)."""
+def fused_backends(device: torch.device, optimizer: str = "sgd") -> list[str]:
+    """The fused backends that run ``optimizer``'s step on ``device`` here (Triton on a CPU runs only
+    in its interpreter: not timed)."""
     out = []
     for backend in ("cpp", "cuda", "triton"):
-        reason = backend_status(backend, device)
+        reason = backend_status(backend, device, optimizer)
         if reason is None and not (backend == "triton" and device.type != "cuda"):
             out.append(backend)
         else:
@@ -165,23 +175,23 @@ def fused_backends(device: torch.device) -> list[str]:
 
 
 def providers(params, grid, rate: float, device: torch.device, backends: list[str], reference: bool,
-              with_compile: bool) -> list[tuple[str, dict, object]]:
+              with_compile: bool, optimizer: str = "sgd") -> list[tuple[str, dict, object]]:
     """``(name, description, object with .step())`` for every provider of one size."""
+    base, loop, torch_cls, masked_cls, kw = OPTIMIZERS[optimizer]
     out = [
-        (BASELINE, {"kind": "sgd"}, torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True)),
-        (LOOP, {"kind": "sgd"}, torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=False)),
+        (base, {"kind": "sgd"}, torch_cls(params, foreach=True, **kw)),
+        (loop, {"kind": "sgd"}, torch_cls(params, foreach=False, **kw)),
         (SUMSQ, {"kind": "sumsq"}, SumOfSquares(params)),
     ]
     for mode, gran in grid:
         for backend in backends + (["reference"] if reference else []):
-            opt = MaskedMultiModalSGD([{"params": params, "modality": "m"}], lr=1e-3, momentum=0.9, mask=mode,
-                                      granularity=gran, backend=backend)
+            opt = masked_cls([{"params": params, "modality": "m"}], mask=mode, granularity=gran, backend=backend, **kw)
             opt.set_rates({"m": rate})
             desc = {"kind": "step", "backend": backend, "mode": mode, "granularity": gran}
             out.append((label(backend, mode, gran), desc, opt))
             if backend != "reference":
                 out.append((f"  stage 1 of {label(backend, mode, gran)}", dict(desc, kind="stage1"), Stage1(opt)))
-        if with_compile:
+        if with_compile and optimizer == "sgd":
             out.append((f"torch.compile(reference) ({mode}, {gran})", {"kind": "compile", "mode": mode, "granularity": gran},
                         CompiledReference(params, mode, gran, rate)))
     return out
@@ -253,7 +263,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_step-<date>.json)")
     ap.add_argument("--reference", action="store_true", help="also time the (slow) pure-PyTorch reference backend")
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the reference step (slow to compile)")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the reference SGD step (slow to compile)")
+    ap.add_argument("--optimizer", default="sgd", choices=sorted(OPTIMIZERS),
+                    help="sgd: torch.optim.SGD(momentum=0.9) vs MaskedMultiModalSGD (default); adamw: torch.optim.AdamW vs MaskedMultiModalAdamW")
     return ap
 
 
@@ -280,16 +292,18 @@ def main(argv=None, prog=None) -> int:
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     where = info.get("gpu", f"{info['cpu']}, {info['cores']} cores")
     print(f"# {date}  {where}  torch {info['torch']} ({info['torch_threads']} threads), device {device}")
-    print(f"# interleaved single steps: {args.repeats} repeats after {args.warmup} warm-up, rate {args.rate}, momentum 0.9")
-    backends = fused_backends(device)
+    what = "momentum 0.9" if args.optimizer == "sgd" else "AdamW defaults"
+    print(f"# interleaved single steps: {args.repeats} repeats after {args.warmup} warm-up, rate {args.rate}, {what}")
+    backends = fused_backends(device, args.optimizer)
+    baseline, loop_name = OPTIMIZERS[args.optimizer][:2]
     rows = []
     for size in sizes:
         shapes = tensor_mix(int(size * 1e6))
         params = make_params(shapes, device)
         n = sum(p.numel() for p in params)
-        provs = providers(params, grid, args.rate, device, backends, args.reference, args.compile)
+        provs = providers(params, grid, args.rate, device, backends, args.reference, args.compile, args.optimizer)
         times = run_interleaved(provs, args.repeats, args.warmup, device)
-        base, loop = statistics.median(times[BASELINE]), statistics.median(times[LOOP])
+        base, loop = statistics.median(times[baseline]), statistics.median(times[loop_name])
         print(f"\n{n / 1e6:.1f}M parameters in {len(shapes)} tensors")
         print(f"{'provider':<50} {'median ms':>10} {'p20 ms':>8} {'p80 ms':>8} {'x foreach':>10} {'x loop':>7}")
         for name, desc, _ in provs:
@@ -315,7 +329,8 @@ def main(argv=None, prog=None) -> int:
             print(f"{name:<50} {s1 * 1e3:>10.2f} {s1 / sumsq:>14.2f} {upd * 1e3:>10.2f}")
         sys.stdout.flush()
         del provs, params
-    out = args.out or os.path.join("benchmarks", "results", f"bench_step-{date[:10]}.json")
+    stem = "bench_step" if args.optimizer == "sgd" else f"bench_step-{args.optimizer}"
+    out = args.out or os.path.join("benchmarks", "results", f"{stem}-{date[:10]}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump({"schema": "masked_optim.bench_step/2", "date": date, "machine": info, "args": vars(args),
@@ -337,9 +352,9 @@ def summarize_runs(paths: list[str]) -> list[dict]:
         if run.get("schema") != "masked_optim.bench_step/2":
             raise ValueError(f"Invalid file {path!r}: schema {run.get('schema')!r}; allowed: 'masked_optim.bench_step/2'")
         runs.append(run)
-    keys = ("sizes", "modes", "granularities", "rate", "repeats", "device")
+    keys = ("sizes", "modes", "granularities", "rate", "repeats", "device", "optimizer")
     for path, run in zip(paths[1:], runs[1:]):
-        if any(run["args"][k] != runs[0]["args"][k] for k in keys) or run["machine"]["cpu"] != runs[0]["machine"]["cpu"]:
+        if any(run["args"].get(k, "sgd") != runs[0]["args"].get(k, "sgd") for k in keys) or run["machine"]["cpu"] != runs[0]["machine"]["cpu"]:
             raise ValueError(f"Invalid file {path!r}: other arguments or machine than {paths[0]!r}")
     table: dict[tuple, dict] = {}
     for run in runs:
@@ -371,7 +386,7 @@ def summary_main(argv=None, prog=None) -> int:
         ap.error(str(exc))
     print(f"# {len(args.paths)} runs: {', '.join(os.path.basename(p) for p in args.paths)}")
     for params in sorted({r["params"] for r in rows}):
-        print(f"\n{params / 1e6:.1f}M parameters: x SGD(foreach), per run, median [min, max]")
+        print(f"\n{params / 1e6:.1f}M parameters: x the torch optimizer's foreach step, per run, median [min, max]")
         for r in rows:
             if r["params"] == params and r["kind"] in ("sgd", "step", "sumsq"):
                 per = " ".join(f"{x:.2f}" for x in r["ratios"])
