@@ -57,6 +57,7 @@ __all__ = [
     "backend_status",
     "resolve_backend",
     "kernel_for",
+    "adamw_kernel_for",
     "extension_available",
     "extension_unavailable_reason",
     "GroupTensors",
@@ -164,6 +165,20 @@ def kernel_for(name: str) -> Callable:
         from .triton_kernels import masked_sgd_triton_
 
         return masked_sgd_triton_
+    raise ValueError(f"Invalid fused backend: {name!r}; allowed: one of {FUSED}")
+
+
+def adamw_kernel_for(name: str) -> Callable:
+    """The per-tensor lazy AdamW kernel of a fused backend (``masked_optim::masked_adamw_``'s contract,
+    masked_optim/backends/_ops.py ``MASKED_ADAMW_ARGS``; docs/algorithm.md §2.8): the op itself for
+    cpp and cuda (dispatched on the tensors' device), :func:`.triton_kernels.masked_adamw_triton_` for
+    triton. Same masks as :func:`kernel_for`'s kernel for the same key."""
+    if name in ("cpp", "cuda"):
+        return torch.ops.masked_optim.masked_adamw_
+    if name == "triton":
+        from .triton_kernels import masked_adamw_triton_
+
+        return masked_adamw_triton_
     raise ValueError(f"Invalid fused backend: {name!r}; allowed: one of {FUSED}")
 
 
