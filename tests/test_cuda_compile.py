@@ -1,4 +1,4 @@
-"""The CUDA kernels of masked_sgd_ compile with nvcc alone (no GPU, no CUDA build of torch needed).
+"""The CUDA kernels of masked_sgd_ and masked_adamw_ compile with nvcc alone (no GPU, no CUDA build of torch needed).
 
 csrc/cuda/masked_sgd_cuda.cu includes no torch header, so `nvcc -c` checks it for the
 architectures the package targets. Each compile takes a few seconds (about 6-8 s on a 2-core box).
@@ -17,6 +17,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL = ROOT / "csrc" / "cuda" / "masked_sgd_cuda.cu"
 NVCC = shutil.which("nvcc")
+# The launchers masked_sgd_cuda_binding.cpp calls (declared in masked_sgd_cuda.h).
+LAUNCHERS = ("launch_channel_scores", "launch_inclusion_scalars", "launch_fill_scalars", "launch_masked_sgd_update",
+             "launch_masked_adamw_update")
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA kernels cannot be compiled here")
 
@@ -40,3 +43,8 @@ def test_kernel_compiles(arch: str, tmp_path: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     assert obj.is_file() and obj.stat().st_size > 0, f"nvcc reported success but wrote no object file {obj}"
+    nm = shutil.which("nm")
+    if nm is not None:  # the binding's launchers are defined (the AdamW one included)
+        symbols = subprocess.run([nm, "-C", "--defined-only", str(obj)], capture_output=True, text=True).stdout
+        for launcher in LAUNCHERS:
+            assert f"masked_optim::cuda::{launcher}(" in symbols, f"{launcher} is not defined in {obj}"

@@ -15,6 +15,8 @@ tests/test_backends.py does on CPU tensors.
    fed the reference's ``[alpha, beta]`` (and, per channel, its unit scores), so kept counts must be
    equal (masks bit-identical) and parameters and momentum buffers within the tolerance table; the
    scalars the kernel computes itself must match the reference's within the same table.
+   The lazy AdamW kernels (``masked_adamw_``, ``masked_adamw_triton_``) the same way against
+   ``functional.masked_adamw``.
 3. End to end: ``MaskedMultiModalSGD`` with a fused backend against ``backend="reference"`` (two
    modalities and a shared head, 5 steps, identical kept counts), and at rate 1 against
    ``torch.optim.SGD`` bit for bit.
@@ -41,8 +43,8 @@ if not torch.cuda.is_available():
     )
 
 from masked_optim import MaskedMultiModalSGD  # noqa: E402
-from masked_optim.backends import _cpp_lib, backend_status, kernel_for, resolve_backend  # noqa: E402
-from masked_optim.functional import _single_tensor_masked_sgd, inclusion_scalars, unit_scores  # noqa: E402
+from masked_optim.backends import _cpp_lib, adamw_kernel_for, backend_status, kernel_for, resolve_backend  # noqa: E402
+from masked_optim.functional import _single_tensor_masked_sgd, inclusion_scalars, masked_adamw, unit_scores  # noqa: E402
 from masked_optim.modes import Mode  # noqa: E402
 from masked_optim.rng import derive_key, philox_uniform  # noqa: E402
 from tolerances import TOLERANCES, assert_close_normwise  # noqa: E402
@@ -273,6 +275,77 @@ def test_kernel_matches_reference(backend, mode, granularity, dtype, shape):
                 0.05, momentum, dampening, wd, nesterov, maximize, False,
             )
             torch.testing.assert_close(own.to(scalars.dtype), scalars, **TOLERANCES[scalars.dtype])
+
+
+def _adamw_grid():
+    """The lazy AdamW step (modes 1..4) on every fused backend x granularity x dtype x shape, as _grid."""
+    for backend in FUSED:
+        for mode in MODES:
+            if mode == Mode.SCALE:  # the AdamW kernels take modes 1..4 (dense and scale are torch's AdamW)
+                continue
+            for granularity in ("element", "channel"):
+                for dtype in DTYPES:
+                    for shape in SHAPES:
+                        if backend == "triton" and INTERPRETED and (
+                            torch.Size(shape).numel() > 4097 or dtype in (torch.float16, torch.float64)
+                        ):
+                            continue
+                        name = (f"{backend}-{mode.name.lower()}-{granularity}-{str(dtype).split('.')[1]}-"
+                                f"{'x'.join(map(str, shape))}")
+                        yield pytest.param(backend, mode, granularity, dtype, shape, id=name)
+
+
+@pytest.mark.parametrize("backend,mode,granularity,dtype,shape", list(_adamw_grid()))
+def test_adamw_kernel_matches_reference(backend, mode, granularity, dtype, shape):
+    """masked_adamw_ (cuda) and masked_adamw_triton_ against functional.masked_adamw, as
+    test_kernel_matches_reference: fed the reference's [alpha, beta] (and per channel its unit scores),
+    kept counts equal (the SGD step's masks) and param, exp_avg, exp_avg_sq, max_exp_avg_sq within the
+    tolerance table; amsgrad and maximize in the odd steps, weight decay 1e-2."""
+    _require(backend)
+    if backend == COMPILED and not torch._C._dispatch_has_kernel_for_dispatch_key("masked_optim::masked_adamw_",
+                                                                                   DISPATCH_KEY):
+        message = f"masked_optim._C registers no {DISPATCH_KEY} kernel for masked_adamw_ (rebuild the extension)"
+        if REQUIRE:
+            pytest.fail(f"{message} (MASKED_OPTIM_REQUIRE_GPU_BACKENDS=1)", pytrace=False)
+        pytest.skip(message)
+    kernel = adamw_kernel_for(backend)
+    channel = granularity == "channel"
+    gen = torch.Generator().manual_seed(1)
+    p0 = torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
+    for amsgrad in (False, True):
+        p_ref, p_ker = p0.clone(), p0.clone()
+        m_ref, v_ref, m_ker, v_ker = (torch.zeros_like(p0) for _ in range(4))
+        vmax_ref = torch.zeros_like(p0) if amsgrad else None
+        vmax_ker = torch.zeros_like(p0) if amsgrad else p0.new_empty(0)
+        step_t = torch.tensor(0.0)
+        for step in range(STEPS):
+            rate = [0.3, 0.7, 0.05][step % 3]
+            maximize = step % 2 == 1
+            key = derive_key(9, step, 3 + amsgrad)
+            g = _grad(shape, dtype, 200 + step)
+            scores, scalars = _reference_scalars(g, rate, mode, granularity, maximize)
+            (ref_kept,) = masked_adamw(
+                [p_ref], [g], [m_ref], [v_ref], [vmax_ref], [step_t], [key], lr=0.01, weight_decay=1e-2,
+                amsgrad=amsgrad, maximize=maximize, mask=mode.mask, rate=rate, granularity=granularity, smoothing=0.5,
+                unbiased=mode.unbiased, max_iter=4,
+            )
+            kept, out_scalars = kernel(
+                p_ker, g, m_ker, v_ker, vmax_ker, scores if channel else None, scalars, key, rate, 0.5, 4, int(mode),
+                channel, 0.01, 0.9, 0.999, 1e-8, 1e-2, float(step_t), amsgrad, maximize,
+            )
+            what = f"amsgrad={amsgrad} step {step}"
+            assert kept.device == p_ker.device and out_scalars.device == p_ker.device, what
+            assert int(kept) == int(ref_kept), f"{what}: kept {int(kept)} != reference {int(ref_kept)}"
+            for ker, ref in ((p_ker, p_ref), (m_ker, m_ref), (v_ker, v_ref), (vmax_ker, vmax_ref)):
+                if ref is not None:
+                    assert_close_normwise(ker, ref)
+                    ker.copy_(ref)  # the same state on both sides: tolerances do not compound
+            if p0.numel():  # the scalars the kernel computes by itself, from its own reduction
+                _, own = kernel(
+                    p_ker.clone(), g, m_ker.clone(), v_ker.clone(), vmax_ker.clone(), None, None, key, rate, 0.5, 4,
+                    int(mode), channel, 0.01, 0.9, 0.999, 1e-8, 1e-2, float(step_t), amsgrad, maximize,
+                )
+                torch.testing.assert_close(own.to(scalars.dtype), scalars, **TOLERANCES[scalars.dtype])
 
 
 # -------------------------------------------------------------------------------- 3. end to end

@@ -401,7 +401,7 @@ def test_compile_for_gpu_without_a_gpu(arch, compiled_ptx):
     the scale specialisation (mode 5) draws no Philox numbers."""
     ptx = compiled_ptx[arch]
     names = {"element_reduce", "channel_scores", "waterfill_round", "masked_sgd_element", "masked_sgd_channel",
-             "masked_sgd_scale"}
+             "masked_sgd_scale", "masked_adamw_element", "masked_adamw_channel"}
     assert set(ptx) == {f"{n}[{t}]" for n in names for t in ("fp32", "bf16")}
     for name, text in ptx.items():
         assert f".target sm_{arch}" in text, name

@@ -13,6 +13,11 @@
 //     channel_sample_kernel     per-unit keep / 1/q factor (channel granularity) + kept count
 //     sgd_factor_kernel         SGD update with the per-unit factor (channel), or dense (g~ = g),
 //                               or mode scale (g~ = rate * g: no stage 1, no sampling)
+//   stage 2 of masked_optim::masked_adamw_ (the lazy AdamW step, docs/algorithm.md §2.8; stage 1 and
+//   channel_sample_kernel are the SGD step's, so the masks are the same):
+//     masked_adamw_kernel       AdamW update of the kept units: element mask sampled in place
+//                               (sample_element, as masked_sgd_element_kernel), or the per-unit factor
+//                               (channel), or every unit (nothing sampled)
 //
 // Everything stays on the device: the water-filling rounds read c from the workspace, so the host
 // never waits. The reductions are two-level with a grid that depends on the unit count only (no
@@ -31,6 +36,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../masked_sgd_math.h"
 #include "../philox.h"
@@ -391,68 +397,77 @@ __device__ __forceinline__ Hyper<acc_t> with_scalars(Hyper<acc_t> h, const acc_t
   return h;
 }
 
+// Loads the up-to-4 elements [base, base + 4) of one array into x (0 past the end, or everywhere when
+// !read): one vector load when kVec and the quad is whole.
+template <typename scalar_t, bool kVec>
+__device__ __forceinline__ void load_quad(const scalar_t* __restrict__ src, bool read, int64_t base, int64_t numel,
+                                          typename AccOf<scalar_t>::type (&x)[4]) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  if (kVec && base + 4 <= numel) {
+    if (read) {
+      const Pack4<scalar_t> v = *reinterpret_cast<const Pack4<scalar_t>*>(src + base);
+#pragma unroll
+      for (int w = 0; w < 4; ++w) x[w] = to_acc(v.v[w]);
+    } else {
+#pragma unroll
+      for (int w = 0; w < 4; ++w) x[w] = acc_t(0);
+    }
+  } else {
+#pragma unroll
+    for (int w = 0; w < 4; ++w) x[w] = (read && base + w < numel) ? to_acc(src[base + w]) : acc_t(0);
+  }
+}
+
+// Stores the up-to-4 elements [base, base + 4) of x to one array, rounded to its dtype.
+template <typename scalar_t, bool kVec>
+__device__ __forceinline__ void store_quad(scalar_t* __restrict__ dst, int64_t base, int64_t numel,
+                                           const typename AccOf<scalar_t>::type (&x)[4]) {
+  if (kVec && base + 4 <= numel) {
+    Pack4<scalar_t> v;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) v.v[w] = FromAcc<scalar_t>::cvt(x[w]);
+    *reinterpret_cast<Pack4<scalar_t>*>(dst + base) = v;
+  } else {
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      if (base + w < numel) dst[base + w] = FromAcc<scalar_t>::cvt(x[w]);
+    }
+  }
+}
+
 // Loads the up-to-4 elements [base, base + 4) of grad, param and (when read) buffer.
 template <typename scalar_t, bool kVec>
 __device__ __forceinline__ void load4(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ param,
                                       const scalar_t* __restrict__ buf, bool read_buf, int64_t base, int64_t numel,
                                       typename AccOf<scalar_t>::type (&g)[4], typename AccOf<scalar_t>::type (&p)[4],
                                       typename AccOf<scalar_t>::type (&b)[4]) {
-  using acc_t = typename AccOf<scalar_t>::type;
-  if (kVec && base + 4 <= numel) {
-    const Pack4<scalar_t> gv = *reinterpret_cast<const Pack4<scalar_t>*>(grad + base);
-    const Pack4<scalar_t> pv = *reinterpret_cast<const Pack4<scalar_t>*>(param + base);
-#pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      g[w] = to_acc(gv.v[w]);
-      p[w] = to_acc(pv.v[w]);
-      b[w] = acc_t(0);
-    }
-    if (read_buf) {
-      const Pack4<scalar_t> bv = *reinterpret_cast<const Pack4<scalar_t>*>(buf + base);
-#pragma unroll
-      for (int w = 0; w < 4; ++w) b[w] = to_acc(bv.v[w]);
-    }
-  } else {
-#pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      const bool in = base + w < numel;
-      g[w] = in ? to_acc(grad[base + w]) : acc_t(0);
-      p[w] = in ? to_acc(param[base + w]) : acc_t(0);
-      b[w] = (in && read_buf) ? to_acc(buf[base + w]) : acc_t(0);
-    }
-  }
+  load_quad<scalar_t, kVec>(grad, true, base, numel, g);
+  load_quad<scalar_t, kVec>(param, true, base, numel, p);
+  load_quad<scalar_t, kVec>(buf, read_buf, base, numel, b);
 }
 
 template <typename scalar_t, bool kVec>
 __device__ __forceinline__ void store4(scalar_t* __restrict__ param, scalar_t* __restrict__ buf, bool write_buf,
                                        int64_t base, int64_t numel, const typename AccOf<scalar_t>::type (&p)[4],
                                        const typename AccOf<scalar_t>::type (&b)[4]) {
-  if (kVec && base + 4 <= numel) {
-    Pack4<scalar_t> pv;
-#pragma unroll
-    for (int w = 0; w < 4; ++w) pv.v[w] = FromAcc<scalar_t>::cvt(p[w]);
-    *reinterpret_cast<Pack4<scalar_t>*>(param + base) = pv;
-    if (write_buf) {
-      Pack4<scalar_t> bv;
-#pragma unroll
-      for (int w = 0; w < 4; ++w) bv.v[w] = FromAcc<scalar_t>::cvt(b[w]);
-      *reinterpret_cast<Pack4<scalar_t>*>(buf + base) = bv;
-    }
-  } else {
-#pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      if (base + w < numel) {
-        param[base + w] = FromAcc<scalar_t>::cvt(p[w]);
-        if (write_buf) buf[base + w] = FromAcc<scalar_t>::cvt(b[w]);
-      }
-    }
-  }
+  store_quad<scalar_t, kVec>(param, base, numel, p);
+  if (write_buf) store_quad<scalar_t, kVec>(buf, base, numel, b);
 }
 
 // Adds this thread's count to the device counter: warp shuffle reduction, one atomic per warp.
 __device__ __forceinline__ void add_kept(unsigned long long count, unsigned long long* kept) {
   count = warp_reduce(count, SumOp());
   if ((threadIdx.x & 31) == 0 && count != 0) atomicAdd(kept, count);
+}
+
+// The mask of element granularity, shared by the SGD and AdamW element kernels: unit i = element i
+// of (signed) gradient gv, Philox word `word` of block i / 4. Returns M_i = u_i < q_i and sets
+// `weight` to the weight of a kept unit (1/q when unbiased, else grad_scale: 1 for modes 1..4).
+template <typename acc_t>
+__device__ __forceinline__ bool sample_element(const Hyper<acc_t>& hk, acc_t gv, uint32_t word, acc_t& weight) {
+  const acc_t q = unit_probability(hk, mul_rn(gv, gv));  // s = g*g, rounded
+  weight = unit_weight(hk, q);
+  return keep_unit(uint32_to_uniform(word), q);
 }
 
 // Element granularity, sampled (modes 1..4): unit i = element i; one Philox evaluation per quad of
@@ -478,10 +493,10 @@ __global__ void __launch_bounds__(kUpdateThreads)
     for (int w = 0; w < 4; ++w) {
       if (base + w < numel) {
         const acc_t gv = signed_grad(hk, g[w]);
-        const acc_t q = unit_probability(hk, mul_rn(gv, gv));  // s = g*g, rounded
-        const bool keep = keep_unit(uint32_to_uniform(r.v[w]), q);
+        acc_t weight;
+        const bool keep = sample_element(hk, gv, r.v[w], weight);
         count += keep ? 1ull : 0ull;
-        sgd_update(hk, masked_value(gv, keep, unit_weight(hk, q)), p[w], b[w]);
+        sgd_update(hk, masked_value(gv, keep, weight), p[w], b[w]);
       }
     }
     store4<scalar_t, kVec>(param, buf, h.has_momentum, base, numel, p, b);
@@ -559,6 +574,70 @@ __global__ void __launch_bounds__(kUpdateThreads)
   }
 }
 
+// The lazy AdamW step (docs/algorithm.md §2.8), grid-stride over quads of elements. kMask says where
+// each unit's keep and weight come from: kAdamDense every unit is kept with weight 1 (nothing sampled),
+// kAdamElement the element mask (sample_element, counting kept units), kAdamFactor the per-unit factor
+// of channel_sample_kernel (kept iff factor > 0, weight = factor). The element update is adamw_update
+// of masked_sgd_math.h; units that are not kept are written back unchanged.
+enum AdamMask : int { kAdamDense = 0, kAdamElement = 1, kAdamFactor = 2 };
+
+template <typename scalar_t, bool kVec, int kMask>
+__global__ void __launch_bounds__(kUpdateThreads)
+    masked_adamw_kernel(scalar_t* __restrict__ param, const scalar_t* __restrict__ grad, scalar_t* __restrict__ exp_avg,
+                        scalar_t* __restrict__ exp_avg_sq, scalar_t* __restrict__ max_exp_avg_sq,
+                        const typename AccOf<scalar_t>::type* __restrict__ scalars,
+                        const typename AccOf<scalar_t>::type* __restrict__ factor,
+                        unsigned long long* __restrict__ kept, int64_t numel, int64_t inner,
+                        const Hyper<typename AccOf<scalar_t>::type> h,
+                        const AdamHyper<typename AccOf<scalar_t>::type> ah) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const Hyper<acc_t> hk = kMask == kAdamElement ? with_scalars(h, scalars) : h;
+  const int64_t nquads = (numel + 3) / 4;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  unsigned long long count = 0;
+  for (int64_t quad = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; quad < nquads; quad += stride) {
+    const int64_t base = 4 * quad;
+    acc_t g[4], p[4], m[4], v[4], vmax[4];
+    load_quad<scalar_t, kVec>(grad, true, base, numel, g);
+    load_quad<scalar_t, kVec>(param, true, base, numel, p);
+    load_quad<scalar_t, kVec>(exp_avg, true, base, numel, m);
+    load_quad<scalar_t, kVec>(exp_avg_sq, true, base, numel, v);
+    load_quad<scalar_t, kVec>(max_exp_avg_sq, ah.amsgrad, base, numel, vmax);
+    Philox4x32 r{{0u, 0u, 0u, 0u}};
+    if (kMask == kAdamElement) r = philox_block(h.key, static_cast<uint64_t>(quad));
+    int64_t j = 0, k = 0;
+    if (kMask == kAdamFactor) {
+      j = base / inner;
+      k = base - j * inner;
+    }
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      if (base + w < numel) {
+        const acc_t gv = signed_grad(hk, g[w]);
+        bool keep = true;
+        acc_t weight = acc_t(1);
+        if (kMask == kAdamElement) {
+          keep = sample_element(hk, gv, r.v[w], weight);
+          count += keep ? 1ull : 0ull;
+        } else if (kMask == kAdamFactor) {
+          weight = factor[j];
+          keep = weight > acc_t(0);
+          if (++k == inner) {
+            k = 0;
+            ++j;
+          }
+        }
+        adamw_update(ah, gv, keep, weight, p[w], m[w], v[w], vmax[w]);
+      }
+    }
+    store_quad<scalar_t, kVec>(param, base, numel, p);
+    store_quad<scalar_t, kVec>(exp_avg, base, numel, m);
+    store_quad<scalar_t, kVec>(exp_avg_sq, base, numel, v);
+    if (ah.amsgrad) store_quad<scalar_t, kVec>(max_exp_avg_sq, base, numel, vmax);
+  }
+  if (kMask == kAdamElement) add_kept(count, kept);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side
 
@@ -619,6 +698,18 @@ cudaError_t with_score_source(DType dtype, const void* grad, const void* scores,
     using scalar_t = decltype(tag);
     return f(GradSquareSource<scalar_t>{static_cast<const scalar_t*>(grad)});
   });
+}
+
+// Channel granularity, sampled: factor[j] (keep ? unit weight : 0) and the kept count of every unit,
+// for the SGD and the AdamW updates alike.
+template <typename acc_t>
+cudaError_t launch_channel_sample(const Hyper<acc_t>& h, const acc_t* scores, const acc_t* scalars, acc_t* factor,
+                                  unsigned long long* kept, int64_t n_units, cudaStream_t stream) {
+  int blocks = 1;
+  const cudaError_t err = update_blocks((n_units + 3) / 4, &blocks);
+  if (err != cudaSuccess) return err;
+  channel_sample_kernel<acc_t><<<blocks, kUpdateThreads, 0, stream>>>(scores, scalars, factor, kept, n_units, h);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -760,11 +851,7 @@ cudaError_t launch_masked_sgd_update(const MaskedSgdArgs& a, cudaStream_t stream
     if (a.sampled) {  // channel: sample the units first (also when they hold no element)
       if (a.n_units == 0) return cudaSuccess;
       factor = static_cast<acc_t*>(a.unit_factor);
-      err = update_blocks((a.n_units + 3) / 4, &blocks);
-      if (err != cudaSuccess) return err;
-      channel_sample_kernel<acc_t><<<blocks, kUpdateThreads, 0, stream>>>(
-          static_cast<const acc_t*>(a.scores), scalars, factor, a.kept, a.n_units, h);
-      err = cudaGetLastError();
+      err = launch_channel_sample(h, static_cast<const acc_t*>(a.scores), scalars, factor, a.kept, a.n_units, stream);
       if (err != cudaSuccess) return err;
     }
     if (a.numel == 0) return cudaSuccess;
@@ -785,6 +872,73 @@ cudaError_t launch_masked_sgd_update(const MaskedSgdArgs& a, cudaStream_t stream
     } else {
       sgd_factor_kernel<scalar_t, false, false>
           <<<blocks, kUpdateThreads, 0, stream>>>(param, grad, buf, nullptr, a.numel, inner, h);
+    }
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_masked_adamw_update(const MaskedAdamwArgs& a, cudaStream_t stream) {
+  if (a.numel < 0 || a.n_units < 0) return cudaErrorInvalidValue;
+  if (a.numel > 0 && (a.param == nullptr || a.grad == nullptr || a.exp_avg == nullptr || a.exp_avg_sq == nullptr ||
+                      (a.amsgrad && a.max_exp_avg_sq == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
+  const bool uniform = mode_uniform(a.mode);
+  if (a.sampled) {
+    if (a.kept == nullptr || (!uniform && a.scalars == nullptr)) return cudaErrorInvalidValue;
+    if (a.channel && (a.unit_factor == nullptr || (!uniform && a.scores == nullptr))) return cudaErrorInvalidValue;
+    if (a.channel && a.numel > 0 && a.inner <= 0) return cudaErrorInvalidValue;
+  }
+  return dispatch_dtype(a.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = typename AccOf<scalar_t>::type;
+    // The mask's hyper-parameters (q, M, the unit weight) are the SGD step's; its SGD fields are unused.
+    const Hyper<acc_t> h =
+        make_hyper<acc_t>(a.mode, a.sampled, a.rate, a.key, 0.0, 0.0, 0.0, 0.0, false, a.maximize, false);
+    const AdamHyper<acc_t> ah = make_adam_hyper<acc_t>(a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.step,
+                                                       a.amsgrad, a.maximize);
+
+    scalar_t* param = static_cast<scalar_t*>(a.param);
+    const scalar_t* grad = static_cast<const scalar_t*>(a.grad);
+    scalar_t* exp_avg = static_cast<scalar_t*>(a.exp_avg);
+    scalar_t* exp_avg_sq = static_cast<scalar_t*>(a.exp_avg_sq);
+    scalar_t* max_exp_avg_sq = a.amsgrad ? static_cast<scalar_t*>(a.max_exp_avg_sq) : nullptr;
+    const acc_t* scalars = static_cast<const acc_t*>(a.scalars);
+    const bool vec = aligned_for_pack<scalar_t>(param) && aligned_for_pack<scalar_t>(grad) &&
+                     aligned_for_pack<scalar_t>(exp_avg) && aligned_for_pack<scalar_t>(exp_avg_sq) &&
+                     aligned_for_pack<scalar_t>(max_exp_avg_sq);
+    const int64_t inner = a.inner > 0 ? a.inner : 1;
+    cudaError_t err = cudaSuccess;
+
+    acc_t* factor = nullptr;
+    if (a.sampled && a.channel) {  // sample the units first (also when they hold no element)
+      if (a.n_units == 0) return cudaSuccess;
+      factor = static_cast<acc_t*>(a.unit_factor);
+      err = launch_channel_sample(h, static_cast<const acc_t*>(a.scores), scalars, factor, a.kept, a.n_units, stream);
+      if (err != cudaSuccess) return err;
+    }
+    if (a.numel == 0) return cudaSuccess;
+    int blocks = 1;
+    err = update_blocks((a.numel + 3) / 4, &blocks);
+    if (err != cudaSuccess) return err;
+    auto launch = [&](auto vec_tag, auto mask_tag) {
+      masked_adamw_kernel<scalar_t, decltype(vec_tag)::value, decltype(mask_tag)::value>
+          <<<blocks, kUpdateThreads, 0, stream>>>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, factor,
+                                                  a.kept, a.numel, inner, h, ah);
+    };
+    auto with_mask = [&](auto vec_tag) {
+      if (!a.sampled) {
+        launch(vec_tag, std::integral_constant<int, kAdamDense>{});
+      } else if (a.channel) {
+        launch(vec_tag, std::integral_constant<int, kAdamFactor>{});
+      } else {
+        launch(vec_tag, std::integral_constant<int, kAdamElement>{});
+      }
+    };
+    if (vec) {
+      with_mask(std::true_type{});
+    } else {
+      with_mask(std::false_type{});
     }
     return cudaGetLastError();
   });

@@ -1,4 +1,5 @@
-// CUDA kernels of masked_optim::masked_sgd_ (the masked SGD step of one tensor, docs/algorithm.md §2 and §4).
+// CUDA kernels of masked_optim::masked_sgd_ (the masked SGD step of one tensor, docs/algorithm.md §2 and §4)
+// and masked_optim::masked_adamw_ (the lazy AdamW step, §2.8).
 // Plain C++ launchers on raw device pointers: no torch headers, so the .cu compiles with nvcc alone.
 // The torch binding (masked_sgd_cuda_binding.cpp) validates the tensors, allocates outputs and
 // workspaces and calls these on the current stream. No launcher synchronises with the host.
@@ -79,6 +80,37 @@ struct MaskedSgdArgs {
 };
 
 cudaError_t launch_masked_sgd_update(const MaskedSgdArgs& args, cudaStream_t stream);
+
+// The lazy AdamW step (masked_optim::masked_adamw_, docs/algorithm.md §2.8): stage 1 is the SGD step's
+// (the launchers above, same scores and [alpha, beta]); this is stage 2. The mask is the SGD step's
+// for the same key, mode, rate and granularity (element: the same fused Philox sample; channel: the same
+// channel_sample_kernel factors). Kept units take adamw_update (masked_sgd_math.h), the others are
+// left as they are.
+struct MaskedAdamwArgs {
+  DType dtype = DType::kFloat32;
+  void* param = nullptr;           // numel values of dtype, updated in place
+  const void* grad = nullptr;      // numel values of dtype
+  void* exp_avg = nullptr;         // numel values of dtype, updated in place
+  void* exp_avg_sq = nullptr;      // numel values of dtype, updated in place
+  void* max_exp_avg_sq = nullptr;  // numel values of dtype, updated in place; used only when amsgrad
+  const void* scores = nullptr;    // acc, n_units: channel granularity with modes amss/amss+
+  const void* scalars = nullptr;   // acc, [alpha, beta] (device): modes amss/amss+
+  void* unit_factor = nullptr;     // acc, n_units workspace: channel granularity when sampled
+  unsigned long long* kept = nullptr;  // device counter, zeroed by the caller; incremented when sampled
+  int64_t numel = 0;
+  int64_t n_units = 0;
+  int64_t inner = 1;  // numel / n_units
+  uint64_t key = 0;
+  double rate = 1.0;
+  int64_t mode = kAmssPlus;  // a masked_optim::Mode in 1..4
+  bool channel = false;
+  bool sampled = false;  // false: every unit takes the AdamW step with weight 1, the counter is left alone
+  double lr = 0.0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+  double step = 1.0;  // the tensor's step count after this step's increment
+  bool amsgrad = false, maximize = false;
+};
+
+cudaError_t launch_masked_adamw_update(const MaskedAdamwArgs& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace masked_optim

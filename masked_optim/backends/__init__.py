@@ -180,7 +180,10 @@ def kernel_for(name: str) -> Callable:
 
 
 def adamw_kernel_for(name: str) -> Callable:
-    """The per-tensor lazy AdamW kernel of a fused backend (``masked_adamw_``'s contract, _ops.py)."""
+    """The per-tensor lazy AdamW kernel of a fused backend (``masked_optim::masked_adamw_``'s contract,
+    masked_optim/backends/_ops.py ``MASKED_ADAMW_ARGS``; docs/algorithm.md §2.8): the op itself for
+    cpp and cuda (dispatched on the tensors' device), :func:`.triton_kernels.masked_adamw_triton_` for
+    triton. Same masks as :func:`kernel_for`'s kernel for the same key."""
     if name in ("cpp", "cuda"):
         return torch.ops.masked_optim.masked_adamw_
     if name == "triton":

@@ -60,14 +60,17 @@ __all__ = [
     "TRITON_IMPORT_ERROR",
     "triton_available",
     "masked_sgd_triton_",
+    "masked_adamw_triton_",
     "compile_for_gpu",
     "OP",
+    "OP_ADAMW",
     "OP_BLOCK",
 ]
 
 # The op masked_optim::masked_sgd_triton_ (schema and fake kernel: masked_optim/backends/_ops.py),
 # implemented below for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) once triton imports.
 OP = f"{_ops.NAMESPACE}::masked_sgd_triton_"
+OP_ADAMW = f"{_ops.NAMESPACE}::masked_adamw_triton_"  # the lazy AdamW step, implemented the same way
 # The block size of the op's launches (the op's schema has no block argument; masked_sgd_triton_ does).
 OP_BLOCK = 1024
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -196,6 +199,59 @@ if triton is not None:
         tl.store(pcount_ptr + pid, count)
         tl.store(prest_ptr + pid, rest)
 
+    @triton.jit
+    def _sample_units(g, offs, inb, pid, key, inner, scores_ptr, scalars_ptr, BLOCK: tl.constexpr,
+                      MODE: tl.constexpr, CHANNEL: tl.constexpr, F64: tl.constexpr):
+        """The mask of a (BLOCK/4, 4) tile of a sampled step (modes 1..4), shared by the SGD and AdamW
+        kernels so that both draw the same masks: unit j (element ``offs``, or slice ``offs // inner``)
+        takes word ``j % 4`` of Philox block ``j // 4`` (``tl.rand4x``), ``q = min(1, alpha*s + beta)``
+        (``beta`` alone for the uniform modes) and ``keep = u < q``. ``g`` is the (signed) gradient
+        tile in the compute dtype. Returns ``(keep, q, kept units of the tile)``."""
+        cdt = tl.float64 if F64 else tl.float32
+        QUARTER: tl.constexpr = BLOCK // 4
+        r = tl.arange(0, QUARTER)
+        w = tl.arange(0, 4)
+        if CHANNEL:
+            j = offs // inner
+            counter = j // 4
+            word = j % 4
+            u0, u1, u2, u3 = tl.rand4x(key, counter)
+            u = tl.where(word == 0, u0, tl.where(word == 1, u1, tl.where(word == 2, u2, u3)))
+        else:
+            # element: unit j = offs, counter j // 4 = the tile row, word j % 4 = the column.
+            counter = pid.to(tl.int64) * QUARTER + r
+            u0, u1, u2, u3 = tl.rand4x(key, counter)
+            u = tl.where(
+                w[None, :] == 0,
+                u0[:, None],
+                tl.where(w[None, :] == 1, u1[:, None], tl.where(w[None, :] == 2, u2[:, None], u3[:, None])),
+            )
+        beta = tl.load(scalars_ptr + 1)
+        if MODE == _UNIFORM or MODE == _UNIFORM_UNBIASED:
+            q = tl.minimum(tl.zeros_like(g) + beta, 1.0, propagate_nan=tl.PropagateNan.ALL)
+        else:
+            alpha = tl.load(scalars_ptr)
+            if CHANNEL:
+                s = tl.load(scores_ptr + offs // inner, mask=inb, other=0.0)
+            else:
+                s = g * g
+            prod = alpha * s  # rounded on its own: the kernels run with enable_fp_fusion=False
+            lin = prod + beta
+            q = tl.minimum(lin, 1.0, propagate_nan=tl.PropagateNan.ALL)
+        keep = u.to(cdt) < q
+        counted = keep & inb
+        if CHANNEL:
+            counted = counted & ((offs % inner) == 0)
+        return keep, q, tl.sum(tl.sum(counted.to(tl.int32), axis=1), axis=0)
+
+    @triton.jit
+    def _reciprocal(q, F64: tl.constexpr):
+        """``1 / q``, IEEE round-to-nearest (the weight of a kept unit when unbiased)."""
+        if F64:
+            return 1.0 / q
+        else:
+            return tl.fdiv(tl.full(q.shape, 1.0, q.dtype), q, ieee_rounding=True)
+
     @triton.jit(do_not_specialize=["key"])  # a new key every step must not pick a new variant
     def _masked_sgd_kernel(
         p_ptr,
@@ -240,46 +296,13 @@ if triton is not None:
             # scale: g~ = rate * g, no mask (the product is rounded: enable_fp_fusion=False)
             g = g * tl.full((), grad_scale, cdt)
         elif MODE != _DENSE:
-            if CHANNEL:
-                j = offs // inner
-                counter = j // 4
-                word = j % 4
-                u0, u1, u2, u3 = tl.rand4x(key, counter)
-                u = tl.where(word == 0, u0, tl.where(word == 1, u1, tl.where(word == 2, u2, u3)))
-            else:
-                # element: unit j = offs, counter j // 4 = the tile row, word j % 4 = the column.
-                counter = pid.to(tl.int64) * QUARTER + r
-                u0, u1, u2, u3 = tl.rand4x(key, counter)
-                u = tl.where(
-                    w[None, :] == 0,
-                    u0[:, None],
-                    tl.where(w[None, :] == 1, u1[:, None], tl.where(w[None, :] == 2, u2[:, None], u3[:, None])),
-                )
-            beta = tl.load(scalars_ptr + 1)
-            if MODE == _UNIFORM or MODE == _UNIFORM_UNBIASED:
-                q = tl.minimum(tl.zeros_like(g) + beta, 1.0, propagate_nan=tl.PropagateNan.ALL)
-            else:
-                alpha = tl.load(scalars_ptr)
-                if CHANNEL:
-                    s = tl.load(scores_ptr + offs // inner, mask=inb, other=0.0)
-                else:
-                    s = g * g
-                prod = alpha * s  # rounded on its own: the kernel runs with enable_fp_fusion=False
-                lin = prod + beta
-                q = tl.minimum(lin, 1.0, propagate_nan=tl.PropagateNan.ALL)
-            keep = u.to(cdt) < q
+            keep, q, n_kept = _sample_units(g, offs, inb, pid, key, inner, scores_ptr, scalars_ptr, BLOCK, MODE,
+                                            CHANNEL, F64)
             if MODE == _UNIFORM_UNBIASED or MODE == _AMSS_PLUS:
-                if F64:
-                    inv_q = 1.0 / q
-                else:
-                    inv_q = tl.fdiv(tl.full(q.shape, 1.0, cdt), q, ieee_rounding=True)
-                g = tl.where(keep, g * inv_q, 0.0)
+                g = tl.where(keep, g * _reciprocal(q, F64), 0.0)
             else:
                 g = tl.where(keep, g, 0.0)
-            counted = keep & inb
-            if CHANNEL:
-                counted = counted & ((offs % inner) == 0)
-            tl.store(pkept_ptr + pid, tl.sum(tl.sum(counted.to(tl.int32), axis=1), axis=0))
+            tl.store(pkept_ptr + pid, n_kept)
 
         d = g
         if HAS_WD:
@@ -299,6 +322,98 @@ if triton is not None:
         p = p - tl.full((), lr, cdt) * d
         tl.store(p_ptr + offs, _to_storage(p, p_ptr.dtype.element_ty), mask=inb)
 
+    @triton.jit(do_not_specialize=["key"])  # a new key every step must not pick a new variant
+    def _masked_adamw_kernel(
+        p_ptr,
+        g_ptr,
+        m_ptr,
+        v_ptr,
+        vmax_ptr,
+        scores_ptr,
+        scalars_ptr,
+        pkept_ptr,
+        numel,
+        inner,
+        key: tl.int64,
+        one_minus_beta1: tl.float64,
+        beta2: tl.float64,
+        one_minus_beta2: tl.float64,
+        step_size: tl.float64,
+        bc2_sqrt: tl.float64,
+        eps: tl.float64,
+        lr_wd: tl.float64,
+        BLOCK: tl.constexpr,
+        MODE: tl.constexpr,
+        CHANNEL: tl.constexpr,
+        SAMPLED: tl.constexpr,
+        HAS_WD: tl.constexpr,
+        AMSGRAD: tl.constexpr,
+        MAXIMIZE: tl.constexpr,
+        F64: tl.constexpr,
+    ):
+        """The lazy AdamW step (docs/algorithm.md §2.8) on a (BLOCK/4, 4) tile, the mask of the SGD
+        kernel (_sample_units). The element update is adamw_update of csrc/masked_sgd_math.h, in its
+        order: m' = m + (1 - beta1)(g - m), v' = beta2 v + (1 - beta2) g^2, vmax' = max(vmax, v') (amsgrad),
+        denom = sqrt(v' or vmax') / sqrt(bc2) + eps, p' = p - w (step_size m' / denom + lr wd p), with
+        IEEE division and square root; units that are not kept are written back unchanged. Without
+        SAMPLED (rate 1) every unit is kept with w = 1."""
+        cdt = tl.float64 if F64 else tl.float32
+        QUARTER: tl.constexpr = BLOCK // 4
+        pid = tl.program_id(0)
+        r = tl.arange(0, QUARTER)
+        w = tl.arange(0, 4)
+        offs = pid.to(tl.int64) * BLOCK + r[:, None] * 4 + w[None, :]
+        inb = offs < numel
+
+        g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(cdt)
+        p = tl.load(p_ptr + offs, mask=inb, other=0.0).to(cdt)
+        m = tl.load(m_ptr + offs, mask=inb, other=0.0).to(cdt)
+        v = tl.load(v_ptr + offs, mask=inb, other=0.0).to(cdt)
+        if MAXIMIZE:
+            g = -g
+
+        m_new = m + tl.full((), one_minus_beta1, cdt) * (g - m)
+        v_new = v * tl.full((), beta2, cdt) + tl.full((), one_minus_beta2, cdt) * (g * g)
+        if AMSGRAD:
+            vmax = tl.load(vmax_ptr + offs, mask=inb, other=0.0).to(cdt)
+            vmax_new = tl.where(vmax > v_new, vmax, v_new)
+            v_hat = vmax_new
+        else:
+            v_hat = v_new
+        if F64:
+            denom = tl.sqrt(v_hat) / tl.full((), bc2_sqrt, cdt) + tl.full((), eps, cdt)
+            ratio = m_new / denom
+        else:
+            root = tl.sqrt_rn(v_hat)
+            denom = tl.fdiv(root, tl.full(root.shape, bc2_sqrt, cdt), ieee_rounding=True) + tl.full((), eps, cdt)
+            ratio = tl.fdiv(m_new, denom, ieee_rounding=True)
+        delta = tl.full((), step_size, cdt) * ratio
+        if HAS_WD:
+            delta = delta + tl.full((), lr_wd, cdt) * p
+
+        if SAMPLED:
+            keep, q, n_kept = _sample_units(g, offs, inb, pid, key, inner, scores_ptr, scalars_ptr, BLOCK, MODE,
+                                            CHANNEL, F64)
+            if MODE == _UNIFORM_UNBIASED or MODE == _AMSS_PLUS:
+                delta = _reciprocal(q, F64) * delta
+            tl.store(pkept_ptr + pid, n_kept)
+            p = tl.where(keep, p - delta, p)
+            m = tl.where(keep, m_new, m)
+            v = tl.where(keep, v_new, v)
+            if AMSGRAD:
+                vmax = tl.where(keep, vmax_new, vmax)
+        else:
+            p = p - delta
+            m = m_new
+            v = v_new
+            if AMSGRAD:
+                vmax = vmax_new
+        tl.store(p_ptr + offs, _to_storage(p, p_ptr.dtype.element_ty), mask=inb)
+        tl.store(m_ptr + offs, _to_storage(m, m_ptr.dtype.element_ty), mask=inb)
+        tl.store(v_ptr + offs, _to_storage(v, v_ptr.dtype.element_ty), mask=inb)
+        if AMSGRAD:
+            tl.store(vmax_ptr + offs, _to_storage(vmax, vmax_ptr.dtype.element_ty), mask=inb)
+
     _INTERPRETED = type(_masked_sgd_kernel).__name__ == "InterpretedFunction"
 
     _KERNELS = {
@@ -306,6 +421,7 @@ if triton is not None:
         "channel_scores": _channel_scores_kernel,
         "waterfill_round": _waterfill_round_kernel,
         "masked_sgd": _masked_sgd_kernel,
+        "masked_adamw": _masked_adamw_kernel,
     }
 
 
@@ -326,30 +442,31 @@ def _is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _validate(param, grad, momentum_buffer, scores, scalars, key, rate, smoothing, max_iter, mode, channel,
-              lr, momentum, dampening, weight_decay, block, n_units):
-    fn = "masked_sgd_triton_"
-    for name, t in (("param", param), ("grad", grad), ("momentum_buffer", momentum_buffer)):
+def _check_tensors(fn, param, grad, states):
+    """param, grad and the state tensors ``states`` ((name, tensor), ...): tensors of one supported
+    dtype on one device."""
+    for name, t in (("param", param), ("grad", grad), *states):
         if not isinstance(t, Tensor):
             raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if param.dtype not in _DTYPES:
         raise ValueError(f"{fn}: param.dtype must be one of {_DTYPES}, got {param.dtype}")
-    for name, t in (("grad", grad), ("momentum_buffer", momentum_buffer)):
+    for name, t in (("grad", grad), *states):
         if t.dtype != param.dtype:
             raise ValueError(f"{fn}: {name}.dtype must equal param.dtype ({param.dtype}), got {t.dtype}")
         if t.device != param.device:
             raise ValueError(f"{fn}: {name}.device must equal param.device ({param.device}), got {t.device}")
-    if isinstance(mode, bool) or not isinstance(mode, int) or mode not in set(Mode):
-        modes = ", ".join(f"{m.value} {m.name.lower()}" for m in Mode)
-        raise ValueError(f"{fn}: mode must be an int in 0..5 ({modes}), got {mode!r}")
+
+
+def _check_sampling(fn, key, rate, smoothing, max_iter, channel, block, reals):
+    """The sampling arguments of a masked step, and the step's other real numbers ``reals``
+    ((name, value), ...): finite."""
     if not isinstance(channel, bool):
         raise ValueError(f"{fn}: channel must be a bool, got {channel!r}")
     if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < 2**63:
         raise ValueError(f"{fn}: key must be an int in [0, 2**63), got {key!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"{fn}: max_iter must be a non-negative int, got {max_iter!r}")
-    for name, v in (("rate", rate), ("smoothing", smoothing), ("lr", lr), ("momentum", momentum),
-                    ("dampening", dampening), ("weight_decay", weight_decay)):
+    for name, v in (("rate", rate), ("smoothing", smoothing), *reals):
         if not _is_real(v) or not math.isfinite(v):
             raise ValueError(f"{fn}: {name} must be a finite real number, got {v!r}")
     if not 0 < rate <= 1:  # as the cpp and CUDA kernels
@@ -358,14 +475,14 @@ def _validate(param, grad, momentum_buffer, scores, scalars, key, rate, smoothin
         raise ValueError(f"{fn}: smoothing must be in [0, 1], got {smoothing!r}")
     if isinstance(block, bool) or not isinstance(block, int) or block < 16 or block & (block - 1):
         raise ValueError(f"{fn}: block must be a power of two >= 16, got {block!r}")
+
+
+def _check_layout(fn, param, grad, contiguous, scores, scalars, n_units):
+    """Shapes, contiguity (param, grad and the ``contiguous`` state tensors), the device, and the
+    given scores and scalars."""
     if grad.shape != param.shape:
         raise ValueError(f"{fn}: grad.shape must equal param.shape {tuple(param.shape)}, got {tuple(grad.shape)}")
-    if momentum != 0 and momentum_buffer.shape != param.shape:
-        raise ValueError(
-            f"{fn}: momentum_buffer.shape must equal param.shape {tuple(param.shape)} when momentum != 0, "
-            f"got {tuple(momentum_buffer.shape)}"
-        )
-    for name, t in (("param", param), ("grad", grad), ("momentum_buffer", momentum_buffer)):
+    for name, t in (("param", param), ("grad", grad), *contiguous):
         if not t.is_contiguous():
             raise ValueError(f"{fn}: {name} must be contiguous, got strides {t.stride()}")
     if param.device.type != "cuda" and not _interpreting():
@@ -392,6 +509,23 @@ def _validate(param, grad, momentum_buffer, scores, scalars, key, rate, smoothin
                 f"{fn}: scalars must be a {cdtype} tensor on {param.device}, got {scalars.dtype} on "
                 f"{scalars.device}"
             )
+
+
+def _validate(param, grad, momentum_buffer, scores, scalars, key, rate, smoothing, max_iter, mode, channel,
+              lr, momentum, dampening, weight_decay, block, n_units):
+    fn = "masked_sgd_triton_"
+    _check_tensors(fn, param, grad, (("momentum_buffer", momentum_buffer),))
+    if isinstance(mode, bool) or not isinstance(mode, int) or mode not in set(Mode):
+        modes = ", ".join(f"{m.value} {m.name.lower()}" for m in Mode)
+        raise ValueError(f"{fn}: mode must be an int in 0..5 ({modes}), got {mode!r}")
+    _check_sampling(fn, key, rate, smoothing, max_iter, channel, block,
+                    (("lr", lr), ("momentum", momentum), ("dampening", dampening), ("weight_decay", weight_decay)))
+    if grad.shape == param.shape and momentum != 0 and momentum_buffer.shape != param.shape:
+        raise ValueError(
+            f"{fn}: momentum_buffer.shape must equal param.shape {tuple(param.shape)} when momentum != 0, "
+            f"got {tuple(momentum_buffer.shape)}"
+        )
+    _check_layout(fn, param, grad, (("momentum_buffer", momentum_buffer),), scores, scalars, n_units)
 
 
 def _element_stage1(grad: Tensor, n: int, rate: float, smoothing: float, max_iter: int, block: int) -> Tensor:
@@ -504,17 +638,19 @@ def _device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _masked_sgd_impl(param, grad, momentum_buffer, scores, scalars, key, rate, smoothing, max_iter, mode,
-                     channel_units, n_units, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
-                     block):
-    device = param.device
-    cdtype = _compute_dtype(param.dtype)
-    numel = param.numel()
-    inner = numel // n_units if n_units > 0 else 0
-
-    # ---- stage 1: [alpha, beta]
-    mode = Mode(mode)
-    if not mode.sampled:  # dense and scale: q = 1 (given scalars are ignored, as the C++/CUDA kernels do)
+def _stage1(grad, scores, scalars, rate, smoothing, max_iter, mode, channel_units, n_units, inner, block,
+            sampled=None):
+    """Stage 1 of a masked step, shared by the SGD and AdamW kernels so that both draw the same masks:
+    ``([alpha, beta], unit scores)``. ``[alpha, beta]`` is ``[0, 1]`` when nothing is sampled (modes dense
+    and scale), a copy of the given ``scalars``, ``[0, rate]`` (uniform modes), or computed (amss/amss+);
+    the unit scores are the given ``scores``, or for channel granularity in the amss modes the
+    kernel's own (None otherwise). ``sampled``: whether a mask is drawn (default ``mode.sampled``; the
+    AdamW step draws none at rate 1). No host synchronisation."""
+    device = grad.device
+    cdtype = _compute_dtype(grad.dtype)
+    numel = grad.numel()
+    sampled = mode.sampled if sampled is None else sampled
+    if not sampled:  # dense and scale: q = 1 (given scalars are ignored, as the C++/CUDA kernels do)
         out_scalars = torch.ones(2, dtype=cdtype, device=device)
         out_scalars[:1].zero_()
     elif scalars is not None:
@@ -534,11 +670,23 @@ def _masked_sgd_impl(param, grad, momentum_buffer, scores, scalars, key, rate, s
     else:
         out_scalars = _element_stage1(grad, numel, rate, smoothing, max_iter, block)
 
+    if sampled and numel > 0 and mode.importance and channel_units and scores is None:
+        scores = _channel_scores(grad, n_units, inner, block)
+    return out_scalars, scores
+
+
+def _masked_sgd_impl(param, grad, momentum_buffer, scores, scalars, key, rate, smoothing, max_iter, mode,
+                     channel_units, n_units, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
+                     block):
+    device = param.device
+    cdtype = _compute_dtype(param.dtype)
+    numel = param.numel()
+    inner = numel // n_units if n_units > 0 else 0
+    mode = Mode(mode)
+    out_scalars, scores = _stage1(grad, scores, scalars, rate, smoothing, max_iter, mode, channel_units, n_units,
+                                  inner, block)
     if numel == 0:  # scale keeps its (possibly empty) units: (4, 0) per channel is 4 units
         return torch.full((), n_units if mode == Mode.SCALE else 0, dtype=torch.int64, device=device), out_scalars
-
-    if mode.importance and channel_units and scores is None:
-        scores = _channel_scores(grad, n_units, inner, block)
 
     # ---- stage 2
     grid = _cdiv(numel, block)
@@ -579,10 +727,140 @@ def _masked_sgd_impl(param, grad, momentum_buffer, scores, scalars, key, rate, s
     return kept, out_scalars
 
 
+# ------------------------------------------------------------------------------------ lazy AdamW
+def masked_adamw_triton_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor,
+    scores: Optional[Tensor],
+    scalars: Optional[Tensor],
+    key: int,
+    rate: float,
+    smoothing: float,
+    max_iter: int,
+    mode: int,
+    channel: bool,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: float,
+    amsgrad: bool,
+    maximize: bool,
+    block: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """The lazy AdamW step of one tensor (``masked_optim::masked_adamw_``'s contract, docs/algorithm.md
+    §2.8), in place on ``param``, ``exp_avg``, ``exp_avg_sq`` and, with ``amsgrad``, ``max_exp_avg_sq``
+    (an empty tensor otherwise): the units kept by the SGD step's mask for the same gradient, key, rate,
+    mode (1..4) and granularity take the AdamW step (weighted by ``1/q`` in the unbiased modes), the
+    others are untouched. ``step`` is the tensor's step count after this step's increment. Returns
+    ``(kept, [alpha, beta])`` as :func:`masked_sgd_triton_` does (never synchronised with the host)."""
+    fn = "masked_adamw_triton_"
+    ok, why = triton_available()
+    if not ok:
+        raise RuntimeError(f"{fn}: {why}")
+    states = (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("max_exp_avg_sq", max_exp_avg_sq))
+    _check_tensors(fn, param, grad, states)
+    if isinstance(mode, bool) or not isinstance(mode, int) or not Mode.UNIFORM <= mode <= Mode.AMSS_PLUS:
+        raise ValueError(f"{fn}: mode must be an int in 1..4 (1 uniform, 2 uniform unbiased, 3 amss, 4 amss+), "
+                         f"got {mode!r}")
+    _check_sampling(fn, key, rate, smoothing, max_iter, channel, block,
+                    (("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps), ("weight_decay", weight_decay),
+                     ("step", step)))
+    for name, v in (("amsgrad", amsgrad), ("maximize", maximize)):
+        if not isinstance(v, bool):
+            raise ValueError(f"{fn}: {name} must be a bool, got {v!r}")
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"{fn}: beta1 and beta2 must be in [0, 1), got {beta1!r} and {beta2!r}")
+    if eps < 0:
+        raise ValueError(f"{fn}: eps must be >= 0, got {eps!r}")
+    if step < 1:
+        raise ValueError(f"{fn}: step must be >= 1 (the step count after the increment), got {step!r}")
+    required = states if amsgrad else states[:2]
+    if grad.shape == param.shape:
+        for name, t in required:
+            if t.shape != param.shape:
+                raise ValueError(f"{fn}: {name}.shape must equal param.shape {tuple(param.shape)}"
+                                 f"{' with amsgrad' if name == 'max_exp_avg_sq' else ''}, got {tuple(t.shape)}")
+    channel_units = channel and param.dim() > 0
+    n_units = param.shape[0] if channel_units else param.numel()
+    _check_layout(fn, param, grad, required, scores, scalars, n_units)
+    with _device_guard(param.device):
+        return _masked_adamw_impl(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scores, scalars, key, rate,
+                                  smoothing, max_iter, Mode(mode), channel_units, n_units, lr, beta1, beta2, eps,
+                                  weight_decay, step, amsgrad, maximize, block)
+
+
+def _masked_adamw_impl(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scores, scalars, key, rate, smoothing,
+                       max_iter, mode, channel_units, n_units, lr, beta1, beta2, eps, weight_decay, step, amsgrad,
+                       maximize, block):
+    device = param.device
+    cdtype = _compute_dtype(param.dtype)
+    numel = param.numel()
+    inner = numel // n_units if n_units > 0 else 0
+    sampled = rate < 1.0 and n_units > 0  # as step_sampled in csrc/masked_sgd_math.h
+    out_scalars, scores = _stage1(grad, scores, scalars, rate, smoothing, max_iter, mode, channel_units, n_units,
+                                  inner, block, sampled=sampled)
+    if numel == 0:
+        return torch.full((), 0 if sampled else n_units, dtype=torch.int64, device=device), out_scalars
+
+    grid = _cdiv(numel, block)
+    pkept = torch.empty(grid if sampled else 1, dtype=torch.int32, device=device)
+    scalars_arg = out_scalars if out_scalars.is_contiguous() else out_scalars.contiguous()
+    # The hyper-parameters of make_adam_hyper (csrc/masked_sgd_math.h), in float64, rounded once in the kernel.
+    step = float(step)
+    _masked_adamw_kernel[(grid,)](
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        max_exp_avg_sq if amsgrad else param,  # never dereferenced without amsgrad
+        scores if (scores is not None and channel_units) else scalars_arg,  # dereferenced only in channel modes 3/4
+        scalars_arg,
+        pkept,
+        numel,
+        max(inner, 1),
+        int(key),
+        1.0 - float(beta1),
+        float(beta2),
+        1.0 - float(beta2),
+        float(lr) / (1.0 - math.pow(float(beta1), step)),
+        math.sqrt(1.0 - math.pow(float(beta2), step)),
+        float(eps),
+        float(lr) * float(weight_decay),
+        BLOCK=block,
+        MODE=int(mode),
+        CHANNEL=channel_units,
+        SAMPLED=sampled,
+        HAS_WD=weight_decay != 0,
+        AMSGRAD=bool(amsgrad),
+        MAXIMIZE=bool(maximize),
+        F64=cdtype == torch.float64,
+        enable_fp_fusion=False,
+    )
+    kept = pkept.sum(dtype=torch.int64) if sampled else torch.full((), n_units, dtype=torch.int64, device=device)
+    return kept, out_scalars
+
+
+def _masked_adamw_op(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scores, scalars, key, rate, smoothing, max_iter,
+                     mode, channel, lr, beta1, beta2, eps, weight_decay, step, amsgrad, maximize):
+    """The implementation of the op masked_optim::masked_adamw_triton_: :func:`masked_adamw_triton_` with
+    ``block=OP_BLOCK``."""
+    return masked_adamw_triton_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scores, scalars, key, rate,
+                                smoothing, max_iter, mode, channel, lr, beta1, beta2, eps, weight_decay, step, amsgrad,
+                                maximize, block=OP_BLOCK)
+
+
 if triton is not None:  # the op's kernels: CUDA tensors, and CPU tensors in the interpreter only
     _ops.LIB.impl("masked_sgd_triton_", _masked_sgd_op, "CUDA")
     if _INTERPRETED:
         _ops.LIB.impl("masked_sgd_triton_", _masked_sgd_op, "CPU")
+    _ops.LIB.impl("masked_adamw_triton_", _masked_adamw_op, "CUDA")
+    if _INTERPRETED:
+        _ops.LIB.impl("masked_adamw_triton_", _masked_adamw_op, "CPU")
 
 
 # ------------------------------------------------------------------------------ offline compilation
@@ -621,16 +899,28 @@ def _compile_specs(dtype: torch.dtype):
     consts = dict(BLOCK=1024, MODE=int(Mode.SCALE), CHANNEL=False, HAS_WD=True, HAS_MOMENTUM=True, FIRST_STEP=False,
                   NESTEROV=True, MAXIMIZE=True, F64=f64)
     specs.append(("masked_sgd_scale", _masked_sgd_kernel, sgd_sig, consts))
+    adamw_sig = {"p_ptr": p, "g_ptr": p, "m_ptr": p, "v_ptr": p, "vmax_ptr": p, "scores_ptr": c, "scalars_ptr": c,
+                 "pkept_ptr": "*i32", "numel": "i64", "inner": "i64", "key": "i64", "one_minus_beta1": "fp64",
+                 "beta2": "fp64", "one_minus_beta2": "fp64", "step_size": "fp64", "bc2_sqrt": "fp64", "eps": "fp64",
+                 "lr_wd": "fp64"}
+    for flag in ("BLOCK", "MODE", "CHANNEL", "SAMPLED", "HAS_WD", "AMSGRAD", "MAXIMIZE", "F64"):
+        adamw_sig[flag] = "constexpr"
+    for channel in (False, True):
+        consts = dict(BLOCK=1024, MODE=int(Mode.AMSS_PLUS), CHANNEL=channel, SAMPLED=True, HAS_WD=True, AMSGRAD=True,
+                      MAXIMIZE=False, F64=f64)
+        specs.append((f"masked_adamw_{'channel' if channel else 'element'}", _masked_adamw_kernel, adamw_sig, consts))
     return specs
 
 
-def _compile_in_process(arch: int, with_ptx: bool) -> dict:
+def _compile_in_process(arch: int, with_ptx: bool, prefix: str = "") -> dict:
     from triton.backends.compiler import GPUTarget
 
     target = GPUTarget("cuda", int(arch), 32)
     result = {}
     for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         for name, kernel, signature, constexprs in _compile_specs(dtype):
+            if not name.startswith(prefix):
+                continue
             src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
             compiled = triton.compile(src, target=target, options={"enable_fp_fusion": False})
             ptx = compiled.asm["ptx"]
@@ -638,9 +928,10 @@ def _compile_in_process(arch: int, with_ptx: bool) -> dict:
     return result
 
 
-def compile_for_gpu(arch: int, *, with_ptx: bool = False) -> dict:
+def compile_for_gpu(arch: int, *, with_ptx: bool = False, prefix: str = "") -> dict:
     """Compile every kernel for ``GPUTarget("cuda", arch, 32)`` without a GPU, float32 and bfloat16
     variants. Returns ``{"<kernel>[<dtype>]": len(ptx)}`` (the PTX text itself with ``with_ptx``).
+    ``prefix``: only the kernels whose name starts with it (``"masked_adamw"``: the AdamW kernel's).
 
     Under ``TRITON_INTERPRET=1`` the kernels are interpreter objects that cannot be compiled, so the
     compilation runs in a subprocess with ``TRITON_INTERPRET=0``.
@@ -650,13 +941,15 @@ def compile_for_gpu(arch: int, *, with_ptx: bool = False) -> dict:
         raise RuntimeError(f"compile_for_gpu: {why}")
     if isinstance(arch, bool) or not isinstance(arch, int) or arch < 50:
         raise ValueError(f"compile_for_gpu: arch must be an int compute capability such as 80 or 90, got {arch!r}")
+    if not isinstance(prefix, str):
+        raise ValueError(f"compile_for_gpu: prefix must be a str, got {prefix!r}")
     if not _interpreting():
-        return _compile_in_process(arch, with_ptx)
+        return _compile_in_process(arch, with_ptx, prefix)
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="0")
     code = (
         "import json, sys\n"
         "from masked_optim.backends.triton_kernels import compile_for_gpu\n"
-        f"res = compile_for_gpu({int(arch)}, with_ptx={bool(with_ptx)})\n"
+        f"res = compile_for_gpu({int(arch)}, with_ptx={bool(with_ptx)}, prefix={prefix!r})\n"
         "sys.stdout.write('\\n@@JSON@@' + json.dumps(res))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
