@@ -864,6 +864,130 @@ Stage1<acc_t> stage1(const at::Tensor& grad, const c10::optional<at::Tensor>& sc
   return Stage1<acc_t>{alpha, beta, scores_buf, sumsq};
 }
 
+// ---- The pieces of a fused step that masked_sgd_ and masked_adamw_ share: the units, stage 1 and the
+// mask's fields of Hyper, the loops that draw the Philox uniforms of a piece just before updating it,
+// the input checks and the outputs. The two steps differ only in their element update, so for the
+// same (grad, rate, key, mode, granularity) they keep the same units.
+
+// The units of one tensor: elements, or slices along dim 0 (one element per slice is element
+// granularity, per_slice).
+struct Units {
+  bool channel;
+  int64_t numel, n_units, inner;  // inner: elements per unit
+};
+
+inline Units units_of(const at::Tensor& param, bool channel_requested) {
+  Units un;
+  un.channel = per_slice(param, channel_requested);
+  un.numel = param.numel();
+  un.n_units = un.channel ? (param.dim() > 0 ? param.size(0) : 1) : un.numel;
+  un.inner = un.n_units > 0 ? un.numel / un.n_units : 0;
+  return un;
+}
+
+// Stage 1 of a sampled step (nothing when !h.sampled): the per-tensor scalars into h (amss, amss+;
+// the uniform modes keep q = rate) and into st, whose alpha and beta are the op's output ([0, 1]
+// when nothing is sampled). Returns the unit scores of channel granularity (kept alive by st), else
+// nullptr.
+template <typename scalar_t, typename acc_t>
+const acc_t* mask_stage1(Hyper<acc_t>& h, Stage1<acc_t>& st, const at::Tensor& grad,
+                         const c10::optional<at::Tensor>& scores_in, const c10::optional<at::Tensor>& scalars_in,
+                         double rate, double smoothing, int64_t max_iter, int64_t mode, bool channel) {
+  st = Stage1<acc_t>{0, 1, at::Tensor(), 0.0};
+  if (!h.sampled) return nullptr;
+  st = stage1<scalar_t, acc_t>(grad, scores_in, scalars_in, rate, smoothing, max_iter, mode, channel);
+  if (!h.fixed_q) {
+    h.alpha = st.alpha;
+    h.beta = st.beta;
+  }
+  return st.scores.defined() ? st.scores.template const_data_ptr<acc_t>() : nullptr;
+}
+
+// Element granularity, or nothing sampled: fn(begin, end, u) updates elements [begin, end) (at most
+// kSubChunk) whose uniforms are u[0 .. end - begin) (zeros when nothing is sampled: with q = 1 every
+// element is kept) and returns how many it kept. Returns the total.
+template <typename Fn>
+int64_t for_each_element_piece(int64_t numel, bool sampled, uint64_t key, const Fn& fn) {
+  std::vector<int64_t> kept_per_thread(at::get_num_threads(), 0);
+  at::parallel_for(0, (numel + kChunk - 1) / kChunk, kGrainChunks, [&](int64_t c0, int64_t c1) {
+    alignas(64) float u[kChunk];
+    if (!sampled) std::fill(u, u + kChunk, 0.0f);
+    int64_t kept = 0;
+    const int64_t sub_end = std::min(c1 * (kChunk / kSubChunk), (numel + kSubChunk - 1) / kSubChunk);
+    for (int64_t c = c0 * (kChunk / kSubChunk); c < sub_end; ++c) {
+      const int64_t begin = c * kSubChunk;
+      const int64_t end = std::min(numel, begin + kSubChunk);
+      if (sampled) fill_uniforms(key, begin / 4, (end - begin + 3) / 4, u);
+      kept += fn(begin, end, static_cast<const float*>(u));
+    }
+    kept_per_thread[at::get_thread_num()] += kept;
+  });
+  int64_t kept = 0;
+  for (int64_t k : kept_per_thread) kept += k;
+  return kept;
+}
+
+// Channel granularity of a sampled step: fn(ubegin, uend, u) updates units [ubegin, uend) (`inner`
+// elements each) whose uniforms are u[0 .. uend - ubegin) and returns how many it kept. Split by
+// quads of units (one Philox evaluation each) with about kGrain elements per thread at least: a
+// tensor of a few hundred large rows runs on every thread (split by chunks of kChunk units, it ran
+// on one: at 100M parameters in such tensors the SGD update took 1.8x scale's).
+template <typename Fn>
+int64_t for_each_unit_block(int64_t n_units, int64_t inner, uint64_t key, const Fn& fn) {
+  std::vector<int64_t> kept_per_thread(at::get_num_threads(), 0);
+  const int64_t quads = (n_units + 3) / 4;
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(4 * inner, 1));
+  at::parallel_for(0, quads, grain, [&](int64_t q0, int64_t q1) {
+    alignas(64) float u[kChunk];
+    int64_t kept = 0;
+    for (int64_t q = q0; q < q1; q += kChunk / 4) {
+      const int64_t ubegin = 4 * q;
+      const int64_t uend = std::min(n_units, 4 * std::min(q1, q + kChunk / 4));
+      fill_uniforms(key, ubegin / 4, (uend - ubegin + 3) / 4, u);
+      kept += fn(ubegin, uend, static_cast<const float*>(u));
+    }
+    kept_per_thread[at::get_thread_num()] += kept;
+  });
+  int64_t kept = 0;
+  for (int64_t k : kept_per_thread) kept += k;
+  return kept;
+}
+
+// The op's outputs: (kept units, int64 0-d; [alpha, beta] in the compute dtype).
+template <typename acc_t>
+std::tuple<at::Tensor, at::Tensor> step_outputs(const at::Tensor& param, int64_t kept, acc_t alpha, acc_t beta) {
+  at::Tensor kept_t = at::scalar_tensor(kept, param.options().dtype(at::kLong));
+  at::Tensor scalars = at::empty({2}, param.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  scalars.mutable_data_ptr<acc_t>()[0] = alpha;
+  scalars.mutable_data_ptr<acc_t>()[1] = beta;
+  return {kept_t, scalars};
+}
+
+// The checks both fused steps make on param, grad, the given scores and scalars, key and rate (`op`
+// names the op in the messages).
+void check_step_inputs(const char* op, const at::Tensor& param, const at::Tensor& grad,
+                       const c10::optional<at::Tensor>& scores, const c10::optional<at::Tensor>& scalars, int64_t key,
+                       double rate, bool channel) {
+  TORCH_CHECK(param.device().is_cpu(), op, ": param must be a CPU tensor, got ", param.device());
+  TORCH_CHECK(grad.device() == param.device() && grad.scalar_type() == param.scalar_type() &&
+                  grad.sizes() == param.sizes(),
+              op, ": grad must match param in device, dtype and shape; got ", grad.device(), " ", grad.scalar_type(),
+              " ", grad.sizes(), " for param ", param.device(), " ", param.scalar_type(), " ", param.sizes());
+  TORCH_CHECK(param.is_contiguous() && grad.is_contiguous(), op, ": param and grad must be contiguous");
+  TORCH_CHECK(rate > 0 && rate <= 1, op, ": rate must be in (0, 1], got ", rate);
+  TORCH_CHECK(key >= 0, op, ": key must be >= 0, got ", key);
+  const int64_t n_units = channel ? (param.dim() > 0 ? param.size(0) : 1) : param.numel();
+  if (scores.has_value()) {
+    TORCH_CHECK(scores->dim() == 1 && scores->size(0) == n_units, op, ": scores must be 1-D with ", n_units,
+                " units, got ", scores->sizes());
+  }
+  if (scalars.has_value()) {
+    TORCH_CHECK(scalars->numel() == 2, op, ": scalars must hold [alpha, beta], got ", scalars->numel(), " values");
+  }
+}
+
+// ---- masked_sgd_
+
 template <typename scalar_t, typename acc_t>
 std::tuple<at::Tensor, at::Tensor> masked_sgd_impl(at::Tensor& param, const at::Tensor& grad, at::Tensor& buf,
                                                    const c10::optional<at::Tensor>& scores_in,
@@ -871,84 +995,38 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_impl(at::Tensor& param, const at::
                                                    double rate, double smoothing, int64_t max_iter, int64_t mode,
                                                    bool channel, double lr, double momentum, double dampening,
                                                    double weight_decay, bool nesterov, bool maximize, bool first_step) {
-  channel = per_slice(param, channel);
-  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  const int64_t numel = param.numel();
-  const int64_t n_units = channel ? (param.dim() > 0 ? param.size(0) : 1) : numel;
-  const int64_t inner = n_units > 0 ? numel / n_units : 0;
+  const Units un = units_of(param, channel);
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
   scalar_t* p = param.mutable_data_ptr<scalar_t>();
   scalar_t* b = momentum != 0 ? buf.mutable_data_ptr<scalar_t>() : nullptr;
-  const int nthreads = at::get_num_threads();
 
   // ---- stage 1: per-tensor scalars alpha, beta (q_j = min(1, alpha s_j + beta)); none for scale
-  const bool sampled = step_sampled(mode, rate, n_units);
+  const bool sampled = step_sampled(mode, rate, un.n_units);
   Hyper<acc_t> h = make_hyper<acc_t>(mode, sampled, rate, static_cast<uint64_t>(key), lr, momentum, dampening,
                                      weight_decay, nesterov, maximize, first_step);
-  const acc_t* scores = nullptr;
-  Stage1<acc_t> st{0, 1, at::Tensor(), 0.0};
-  if (sampled) {
-    st = stage1<scalar_t, acc_t>(grad, scores_in, scalars_in, rate, smoothing, max_iter, mode, channel);
-    if (!h.fixed_q) {
-      h.alpha = st.alpha;
-      h.beta = st.beta;
-    }
-    if (st.scores.defined()) scores = st.scores.template const_data_ptr<acc_t>();
-  }
-  const acc_t alpha = sampled ? st.alpha : acc_t(0), beta = sampled ? st.beta : acc_t(1);  // the op's output
+  Stage1<acc_t> st;
+  const acc_t* scores =
+      mask_stage1<scalar_t, acc_t>(h, st, grad, scores_in, scalars_in, rate, smoothing, max_iter, mode, un.channel);
 
   // ---- stage 2: fused sample, mask, rescale and SGD update (csrc/masked_sgd_math.h)
-  const uint64_t ukey = h.key;
-
-  std::vector<int64_t> kept_per_thread(nthreads, 0);
-  if (!channel || !sampled) {
-    at::parallel_for(0, (numel + kChunk - 1) / kChunk, kGrainChunks, [&](int64_t c0, int64_t c1) {
-      alignas(64) float u[kChunk];
-      if (!sampled) std::fill(u, u + kChunk, 0.0f);
-      int64_t kept = 0;
-      const int64_t sub_end = std::min(c1 * (kChunk / kSubChunk), (numel + kSubChunk - 1) / kSubChunk);
-      for (int64_t c = c0 * (kChunk / kSubChunk); c < sub_end; ++c) {
-        const int64_t begin = c * kSubChunk;
-        const int64_t end = std::min(numel, begin + kSubChunk);
-        if (sampled) fill_uniforms(ukey, begin / 4, (end - begin + 3) / 4, u);
-        if (h.fixed_q) {
-          kept += h.has_momentum ? update_elements<true, true, scalar_t, acc_t>(h, g, p, b, begin, end, u)
-                                 : update_elements<false, true, scalar_t, acc_t>(h, g, p, b, begin, end, u);
-        } else {
-          kept += h.has_momentum ? update_elements<true, false, scalar_t, acc_t>(h, g, p, b, begin, end, u)
-                                 : update_elements<false, false, scalar_t, acc_t>(h, g, p, b, begin, end, u);
-        }
+  int64_t kept = 0;
+  if (!un.channel || !sampled) {
+    kept = for_each_element_piece(un.numel, sampled, h.key, [&](int64_t begin, int64_t end, const float* u) -> int64_t {
+      if (h.fixed_q) {
+        return h.has_momentum ? update_elements<true, true, scalar_t, acc_t>(h, g, p, b, begin, end, u)
+                              : update_elements<false, true, scalar_t, acc_t>(h, g, p, b, begin, end, u);
       }
-      kept_per_thread[at::get_thread_num()] += kept;
+      return h.has_momentum ? update_elements<true, false, scalar_t, acc_t>(h, g, p, b, begin, end, u)
+                            : update_elements<false, false, scalar_t, acc_t>(h, g, p, b, begin, end, u);
     });
   } else {
-    // Split by quads of units (one Philox evaluation each) with about kGrain elements per thread
-    // at least: a tensor of a few hundred large rows runs on every thread (split by chunks of
-    // kChunk units, it ran on one: at 100M parameters in such tensors the update took 1.8x scale's).
-    const int64_t quads = (n_units + 3) / 4;
-    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(4 * inner, 1));
-    at::parallel_for(0, quads, grain, [&](int64_t q0, int64_t q1) {
-      alignas(64) float u[kChunk];
-      int64_t kept = 0;
-      for (int64_t q = q0; q < q1; q += kChunk / 4) {
-        const int64_t ubegin = 4 * q;
-        const int64_t uend = std::min(n_units, 4 * std::min(q1, q + kChunk / 4));
-        fill_uniforms(ukey, ubegin / 4, (uend - ubegin + 3) / 4, u);
-        kept += h.has_momentum ? update_channels<true, scalar_t, acc_t>(h, g, p, b, scores, inner, ubegin, uend, u)
-                               : update_channels<false, scalar_t, acc_t>(h, g, p, b, scores, inner, ubegin, uend, u);
-      }
-      kept_per_thread[at::get_thread_num()] += kept;
+    kept = for_each_unit_block(un.n_units, un.inner, h.key, [&](int64_t ubegin, int64_t uend, const float* u) -> int64_t {
+      return h.has_momentum ? update_channels<true, scalar_t, acc_t>(h, g, p, b, scores, un.inner, ubegin, uend, u)
+                            : update_channels<false, scalar_t, acc_t>(h, g, p, b, scores, un.inner, ubegin, uend, u);
     });
   }
-  int64_t kept = 0;
-  for (int64_t k : kept_per_thread) kept += k;
-  if (!sampled) kept = n_units;
-
-  at::Tensor kept_t = at::scalar_tensor(kept, param.options().dtype(at::kLong));
-  at::Tensor scalars = at::empty({2}, param.options().dtype(acc_type));
-  scalars.mutable_data_ptr<acc_t>()[0] = alpha;
-  scalars.mutable_data_ptr<acc_t>()[1] = beta;
-  return {kept_t, scalars};
+  if (!sampled) kept = un.n_units;
+  return step_outputs<acc_t>(param, kept, st.alpha, st.beta);
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_sgd_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& buf,
@@ -957,30 +1035,14 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_cpu(at::Tensor& param, const at::T
                                                   double smoothing, int64_t max_iter, int64_t mode, bool channel,
                                                   double lr, double momentum, double dampening, double weight_decay,
                                                   bool nesterov, bool maximize, bool first_step) {
-  TORCH_CHECK(param.device().is_cpu(), "masked_sgd_: param must be a CPU tensor, got ", param.device());
-  TORCH_CHECK(grad.device() == param.device() && grad.scalar_type() == param.scalar_type() &&
-                  grad.sizes() == param.sizes(),
-              "masked_sgd_: grad must match param in device, dtype and shape; got ", grad.device(), " ",
-              grad.scalar_type(), " ", grad.sizes(), " for param ", param.device(), " ", param.scalar_type(), " ",
-              param.sizes());
-  TORCH_CHECK(param.is_contiguous() && grad.is_contiguous(), "masked_sgd_: param and grad must be contiguous");
   TORCH_CHECK(mode_valid(mode), "masked_sgd_: mode must be in 0..5 (dense, uniform, uniform unbiased, amss, amss+, scale), got ",
               mode);
-  TORCH_CHECK(rate > 0 && rate <= 1, "masked_sgd_: rate must be in (0, 1], got ", rate);
-  TORCH_CHECK(key >= 0, "masked_sgd_: key must be >= 0, got ", key);
+  check_step_inputs("masked_sgd_", param, grad, scores, scalars, key, rate, channel);
   if (momentum != 0) {
     TORCH_CHECK(buf.scalar_type() == param.scalar_type() && buf.sizes() == param.sizes() && buf.is_contiguous() &&
                     buf.device() == param.device(),
                 "masked_sgd_: momentum_buffer must be a contiguous tensor like param when momentum != 0; got ",
                 buf.scalar_type(), " ", buf.sizes());
-  }
-  const int64_t n_units = channel ? (param.dim() > 0 ? param.size(0) : 1) : param.numel();
-  if (scores.has_value()) {
-    TORCH_CHECK(scores->dim() == 1 && scores->size(0) == n_units, "masked_sgd_: scores must be 1-D with ", n_units,
-                " units, got ", scores->sizes());
-  }
-  if (scalars.has_value()) {
-    TORCH_CHECK(scalars->numel() == 2, "masked_sgd_: scalars must hold [alpha, beta], got ", scalars->numel(), " values");
   }
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "masked_sgd_cpu", [&] {
