@@ -1,5 +1,7 @@
 // Fused masked SGD step for CPU tensors: the op masked_optim::masked_sgd_ (schema in
-// masked_optim/backends/_ops.py; the per-element math in csrc/masked_sgd_math.h).
+// masked_optim/backends/_ops.py; the per-element math in csrc/masked_sgd_math.h). The lazy AdamW step
+// masked_optim::masked_adamw_ (docs/algorithm.md §2.8) is here too, on the same stage 1 and uniform
+// loops, with its own element update: one pass over p, g, exp_avg, exp_avg_sq (and max_exp_avg_sq).
 //
 // Two passes over one tensor (docs/algorithm.md §2; mode 5, scale, skips stage 1 and samples nothing):
 //   1. a reduction over the gradient: sum and max of the unit scores s_j = g_j^2 (per element or
@@ -1054,6 +1056,158 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_cpu(at::Tensor& param, const at::T
   return out;
 }
 
+// ---- masked_adamw_: the lazy AdamW step (docs/algorithm.md §2.8), modes 1..4. The mask is
+// masked_sgd_'s (stage 1, uniforms, q, keep test and unit weight through the same functions); a
+// kept unit takes adamw_update (csrc/masked_sgd_math.h) with weight 1/q (unbiased) or 1, a unit
+// not kept is untouched. One pass over p, g, m, v (and vmax) after stage 1.
+
+// Element granularity (or nothing sampled: u = 0, q = 1). maximize is a product by -1 (the value of
+// signed_grad's negation): with signed_grad's select on the run-time flag GCC 12 does not vectorise
+// this loop (it does the SGD one). kFixedQ and kAmsgrad: as update_elements' template flags.
+template <bool kFixedQ, bool kAmsgrad, typename scalar_t, typename acc_t>
+MASKED_OPTIM_CLONES int64_t adamw_elements(const Hyper<acc_t> h, const AdamHyper<acc_t> a, const scalar_t* __restrict g,
+                                           scalar_t* __restrict p, scalar_t* __restrict m, scalar_t* __restrict v,
+                                           scalar_t* __restrict vmax, int64_t begin, int64_t end,
+                                           const float* __restrict u) {
+  int32_t kept = 0;  // a piece holds at most kSubChunk elements
+  const int64_t n = end - begin;
+  const acc_t sign = h.maximize ? acc_t(-1) : acc_t(1);
+  const scalar_t* __restrict gc = g + begin;
+  scalar_t* __restrict pc = p + begin;
+  scalar_t* __restrict mc = m + begin;
+  scalar_t* __restrict vc = v + begin;
+  scalar_t* __restrict xc = kAmsgrad ? vmax + begin : nullptr;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t gv = static_cast<acc_t>(gc[i]) * sign;
+    const acc_t q = unit_probability<kFixedQ>(h, mul_rn(gv, gv));
+    const bool keep = keep_unit(u[i], q);
+    kept += keep ? 1 : 0;
+    acc_t pv = static_cast<acc_t>(pc[i]), mv = static_cast<acc_t>(mc[i]), vv = static_cast<acc_t>(vc[i]);
+    acc_t xv = kAmsgrad ? static_cast<acc_t>(xc[i]) : acc_t(0);
+    adamw_update(a, gv, keep, unit_weight(h, q), pv, mv, vv, xv);
+    pc[i] = static_cast<scalar_t>(pv);
+    mc[i] = static_cast<scalar_t>(mv);
+    vc[i] = static_cast<scalar_t>(vv);
+    if (kAmsgrad) xc[i] = static_cast<scalar_t>(xv);
+  }
+  return kept;
+}
+
+// The AdamW step of one kept slice of n elements, unit weight w.
+template <bool kAmsgrad, typename scalar_t, typename acc_t>
+MASKED_OPTIM_CLONES void adamw_slice(const AdamHyper<acc_t> a, acc_t sign, acc_t w, const scalar_t* __restrict g,
+                                     scalar_t* __restrict p, scalar_t* __restrict m, scalar_t* __restrict v,
+                                     scalar_t* __restrict vmax, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t pv = static_cast<acc_t>(p[i]), mv = static_cast<acc_t>(m[i]), vv = static_cast<acc_t>(v[i]);
+    acc_t xv = kAmsgrad ? static_cast<acc_t>(vmax[i]) : acc_t(0);
+    adamw_update(a, static_cast<acc_t>(g[i]) * sign, true, w, pv, mv, vv, xv);
+    p[i] = static_cast<scalar_t>(pv);
+    m[i] = static_cast<scalar_t>(mv);
+    v[i] = static_cast<scalar_t>(vv);
+    if (kAmsgrad) vmax[i] = static_cast<scalar_t>(xv);
+  }
+}
+
+// Channel granularity of a sampled step: units [ubegin, uend), `inner` contiguous elements each. The
+// keep test and weight are per unit (as update_channels'); a slice that is not kept is not read.
+template <bool kAmsgrad, typename scalar_t, typename acc_t>
+int64_t adamw_channels(const Hyper<acc_t>& h, const AdamHyper<acc_t>& a, const scalar_t* g, scalar_t* p, scalar_t* m,
+                       scalar_t* v, scalar_t* vmax, const acc_t* scores, int64_t inner, int64_t ubegin, int64_t uend,
+                       const float* u) {
+  int64_t kept = 0;
+  const acc_t sign = h.maximize ? acc_t(-1) : acc_t(1);
+  for (int64_t j = ubegin; j < uend; ++j) {
+    const acc_t q = unit_probability(h, scores != nullptr ? scores[j] : acc_t(0));
+    if (!keep_unit(u[j - ubegin], q)) continue;
+    ++kept;
+    const int64_t off = j * inner;
+    adamw_slice<kAmsgrad, scalar_t, acc_t>(a, sign, unit_weight(h, q), g + off, p + off, m + off, v + off,
+                                           kAmsgrad ? vmax + off : nullptr, inner);
+  }
+  return kept;
+}
+
+template <typename scalar_t, typename acc_t>
+std::tuple<at::Tensor, at::Tensor> masked_adamw_impl(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
+                                                     at::Tensor& exp_avg_sq, at::Tensor& max_exp_avg_sq,
+                                                     const c10::optional<at::Tensor>& scores_in,
+                                                     const c10::optional<at::Tensor>& scalars_in, int64_t key,
+                                                     double rate, double smoothing, int64_t max_iter, int64_t mode,
+                                                     bool channel, double lr, double beta1, double beta2, double eps,
+                                                     double weight_decay, double step, bool amsgrad, bool maximize) {
+  const Units un = units_of(param, channel);
+  const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  scalar_t* p = param.mutable_data_ptr<scalar_t>();
+  scalar_t* m = exp_avg.mutable_data_ptr<scalar_t>();
+  scalar_t* v = exp_avg_sq.mutable_data_ptr<scalar_t>();
+  scalar_t* vmax = amsgrad ? max_exp_avg_sq.mutable_data_ptr<scalar_t>() : nullptr;
+
+  // The mask's fields of Hyper (q, the keep test, the unit weight: 1/q when unbiased, else 1 for modes
+  // 1..4; maximize); its SGD fields are unused. rate >= 1 samples nothing: every unit takes AdamW's step.
+  const bool sampled = step_sampled(mode, rate, un.n_units);
+  Hyper<acc_t> h = make_hyper<acc_t>(mode, sampled, rate, static_cast<uint64_t>(key), 0.0, 0.0, 0.0, 0.0, false,
+                                     maximize, false);
+  const AdamHyper<acc_t> a = make_adam_hyper<acc_t>(lr, beta1, beta2, eps, weight_decay, step, amsgrad, maximize);
+  Stage1<acc_t> st;
+  const acc_t* scores =
+      mask_stage1<scalar_t, acc_t>(h, st, grad, scores_in, scalars_in, rate, smoothing, max_iter, mode, un.channel);
+
+  int64_t kept = 0;
+  if (!un.channel || !sampled) {
+    kept = for_each_element_piece(un.numel, sampled, h.key, [&](int64_t begin, int64_t end, const float* u) -> int64_t {
+      if (h.fixed_q) {
+        return amsgrad ? adamw_elements<true, true, scalar_t, acc_t>(h, a, g, p, m, v, vmax, begin, end, u)
+                       : adamw_elements<true, false, scalar_t, acc_t>(h, a, g, p, m, v, vmax, begin, end, u);
+      }
+      return amsgrad ? adamw_elements<false, true, scalar_t, acc_t>(h, a, g, p, m, v, vmax, begin, end, u)
+                     : adamw_elements<false, false, scalar_t, acc_t>(h, a, g, p, m, v, vmax, begin, end, u);
+    });
+  } else {
+    kept = for_each_unit_block(un.n_units, un.inner, h.key, [&](int64_t ubegin, int64_t uend, const float* u) -> int64_t {
+      return amsgrad ? adamw_channels<true, scalar_t, acc_t>(h, a, g, p, m, v, vmax, scores, un.inner, ubegin, uend, u)
+                     : adamw_channels<false, scalar_t, acc_t>(h, a, g, p, m, v, vmax, scores, un.inner, ubegin, uend, u);
+    });
+  }
+  if (!sampled) kept = un.n_units;
+  return step_outputs<acc_t>(param, kept, st.alpha, st.beta);
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_adamw_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
+                                                    at::Tensor& exp_avg_sq, at::Tensor& max_exp_avg_sq,
+                                                    const c10::optional<at::Tensor>& scores,
+                                                    const c10::optional<at::Tensor>& scalars, int64_t key, double rate,
+                                                    double smoothing, int64_t max_iter, int64_t mode, bool channel,
+                                                    double lr, double beta1, double beta2, double eps,
+                                                    double weight_decay, double step, bool amsgrad, bool maximize) {
+  TORCH_CHECK(mode >= kUniform && mode <= kAmssPlus,
+              "masked_adamw_: mode must be in 1..4 (uniform, uniform unbiased, amss, amss+; the dense and scale "
+              "steps are torch.optim.AdamW's own), got ", mode);
+  check_step_inputs("masked_adamw_", param, grad, scores, scalars, key, rate, channel);
+  auto check_state = [&](const at::Tensor& t, const char* name, const char* when) {
+    TORCH_CHECK(t.device() == param.device() && t.scalar_type() == param.scalar_type() && t.sizes() == param.sizes() &&
+                    t.is_contiguous(),
+                "masked_adamw_: ", name, " must be a contiguous tensor like param", when, "; got ", t.device(), " ",
+                t.scalar_type(), " ", t.sizes(), t.is_contiguous() ? "" : " (not contiguous)", " for param ",
+                param.device(), " ", param.scalar_type(), " ", param.sizes());
+  };
+  check_state(exp_avg, "exp_avg", "");
+  check_state(exp_avg_sq, "exp_avg_sq", "");
+  if (amsgrad) check_state(max_exp_avg_sq, "max_exp_avg_sq", " when amsgrad");
+  TORCH_CHECK(beta1 >= 0 && beta1 < 1, "masked_adamw_: beta1 must be in [0, 1), got ", beta1);
+  TORCH_CHECK(beta2 >= 0 && beta2 < 1, "masked_adamw_: beta2 must be in [0, 1), got ", beta2);
+  TORCH_CHECK(step >= 1, "masked_adamw_: step must be >= 1 (the tensor's step count after this step's increment), got ",
+              step);
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "masked_adamw_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    out = masked_adamw_impl<scalar_t, acc_t>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scores, scalars, key,
+                                             rate, smoothing, max_iter, mode, channel, lr, beta1, beta2, eps,
+                                             weight_decay, step, amsgrad, maximize);
+  });
+  return out;
+}
+
 // Stage 1 alone: ([alpha, beta], unit scores or an empty tensor, sum of g^2 as a float64 scalar).
 // Mode 5 (scale) has no stage 1: [0, 1], no scores, and the sum of g^2 from one reduction pass.
 // The optimizer runs it for every tensor first: a non-finite sum flags a non-finite gradient before
@@ -1133,6 +1287,7 @@ const char* cpu_kernel_isa() {
 
 TORCH_LIBRARY_IMPL(masked_optim, CPU, m) {
   m.impl("masked_sgd_", &masked_sgd_cpu);
+  m.impl("masked_adamw_", &masked_adamw_cpu);
   m.impl("philox_uniform_", &philox_uniform_cpu);
   m.impl("tensor_scalars", &tensor_scalars_cpu);
 }
