@@ -86,6 +86,25 @@ MASKED_OPTIM_HD double rcp_rn(double a) {
 #endif
 }
 
+// sqrt, IEEE round-to-nearest. On the host std::sqrt, the float overload for float: an unqualified
+// sqrt(float) resolves to ::sqrt(double) there (correctly rounded after the conversion back, but a
+// double square root per element), and with errno handling (the build passes -fno-math-errno) it is
+// a call in the loop, which then does not vectorise.
+MASKED_OPTIM_HD float sqrt_rn(float a) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(a);
+#else
+  return std::sqrt(a);
+#endif
+}
+MASKED_OPTIM_HD double sqrt_rn(double a) {
+#if defined(__CUDA_ARCH__)
+  return __dsqrt_rn(a);
+#else
+  return std::sqrt(a);
+#endif
+}
+
 // The per-tensor hyper-parameters of one step in the compute dtype acc_t (float32, or float64 for
 // float64 tensors), shared by the CPU and CUDA kernels. Build it with make_hyper; the kernels that
 // read [alpha, beta] from device memory overwrite alpha and beta when !fixed_q.
@@ -242,7 +261,7 @@ MASKED_OPTIM_HD void adamw_update(const AdamHyper<acc_t>& h, acc_t g, bool keep,
   const acc_t m_new = m + h.one_minus_beta1 * (g - m);
   const acc_t v_new = mul_rn(h.beta2, v) + h.one_minus_beta2 * (g * g);
   const acc_t vmax_new = h.amsgrad && vmax > v_new ? vmax : v_new;
-  const acc_t denom = sqrt(h.amsgrad ? vmax_new : v_new) / h.bc2_sqrt + h.eps;
+  const acc_t denom = sqrt_rn(h.amsgrad ? vmax_new : v_new) / h.bc2_sqrt + h.eps;
   acc_t delta = h.step_size * (m_new / denom);
   delta = h.has_weight_decay ? delta + h.lr_wd * p : delta;
   const acc_t p_new = p - weight * delta;

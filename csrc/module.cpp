@@ -42,7 +42,7 @@ std::string build_info() {
 #else
   info += ";openmp=no";
 #endif
-  info += ";kernels=philox_uniform,masked_sgd";
+  info += ";kernels=philox_uniform,masked_sgd,masked_adamw";
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
   // The clone of the vectorised loops that runtime dispatch picks on this CPU (target_clones).
   __builtin_cpu_init();

@@ -1,5 +1,7 @@
 // Fused masked SGD step for CPU tensors: the op masked_optim::masked_sgd_ (schema in
-// masked_optim/backends/_ops.py; the per-element math in csrc/masked_sgd_math.h).
+// masked_optim/backends/_ops.py; the per-element math in csrc/masked_sgd_math.h). The lazy AdamW step
+// masked_optim::masked_adamw_ (docs/algorithm.md §2.8) is here too, on the same stage 1 and uniform
+// loops, with its own element update: one pass over p, g, exp_avg, exp_avg_sq (and max_exp_avg_sq).
 //
 // Two passes over one tensor (docs/algorithm.md §2; mode 5, scale, skips stage 1 and samples nothing):
 //   1. a reduction over the gradient: sum and max of the unit scores s_j = g_j^2 (per element or
@@ -864,6 +866,130 @@ Stage1<acc_t> stage1(const at::Tensor& grad, const c10::optional<at::Tensor>& sc
   return Stage1<acc_t>{alpha, beta, scores_buf, sumsq};
 }
 
+// ---- The pieces of a fused step that masked_sgd_ and masked_adamw_ share: the units, stage 1 and the
+// mask's fields of Hyper, the loops that draw the Philox uniforms of a piece just before updating it,
+// the input checks and the outputs. The two steps differ only in their element update, so for the
+// same (grad, rate, key, mode, granularity) they keep the same units.
+
+// The units of one tensor: elements, or slices along dim 0 (one element per slice is element
+// granularity, per_slice).
+struct Units {
+  bool channel;
+  int64_t numel, n_units, inner;  // inner: elements per unit
+};
+
+inline Units units_of(const at::Tensor& param, bool channel_requested) {
+  Units un;
+  un.channel = per_slice(param, channel_requested);
+  un.numel = param.numel();
+  un.n_units = un.channel ? (param.dim() > 0 ? param.size(0) : 1) : un.numel;
+  un.inner = un.n_units > 0 ? un.numel / un.n_units : 0;
+  return un;
+}
+
+// Stage 1 of a sampled step (nothing when !h.sampled): the per-tensor scalars into h (amss, amss+;
+// the uniform modes keep q = rate) and into st, whose alpha and beta are the op's output ([0, 1]
+// when nothing is sampled). Returns the unit scores of channel granularity (kept alive by st), else
+// nullptr.
+template <typename scalar_t, typename acc_t>
+const acc_t* mask_stage1(Hyper<acc_t>& h, Stage1<acc_t>& st, const at::Tensor& grad,
+                         const c10::optional<at::Tensor>& scores_in, const c10::optional<at::Tensor>& scalars_in,
+                         double rate, double smoothing, int64_t max_iter, int64_t mode, bool channel) {
+  st = Stage1<acc_t>{0, 1, at::Tensor(), 0.0};
+  if (!h.sampled) return nullptr;
+  st = stage1<scalar_t, acc_t>(grad, scores_in, scalars_in, rate, smoothing, max_iter, mode, channel);
+  if (!h.fixed_q) {
+    h.alpha = st.alpha;
+    h.beta = st.beta;
+  }
+  return st.scores.defined() ? st.scores.template const_data_ptr<acc_t>() : nullptr;
+}
+
+// Element granularity, or nothing sampled: fn(begin, end, u) updates elements [begin, end) (at most
+// kSubChunk) whose uniforms are u[0 .. end - begin) (zeros when nothing is sampled: with q = 1 every
+// element is kept) and returns how many it kept. Returns the total.
+template <typename Fn>
+int64_t for_each_element_piece(int64_t numel, bool sampled, uint64_t key, const Fn& fn) {
+  std::vector<int64_t> kept_per_thread(at::get_num_threads(), 0);
+  at::parallel_for(0, (numel + kChunk - 1) / kChunk, kGrainChunks, [&](int64_t c0, int64_t c1) {
+    alignas(64) float u[kChunk];
+    if (!sampled) std::fill(u, u + kChunk, 0.0f);
+    int64_t kept = 0;
+    const int64_t sub_end = std::min(c1 * (kChunk / kSubChunk), (numel + kSubChunk - 1) / kSubChunk);
+    for (int64_t c = c0 * (kChunk / kSubChunk); c < sub_end; ++c) {
+      const int64_t begin = c * kSubChunk;
+      const int64_t end = std::min(numel, begin + kSubChunk);
+      if (sampled) fill_uniforms(key, begin / 4, (end - begin + 3) / 4, u);
+      kept += fn(begin, end, static_cast<const float*>(u));
+    }
+    kept_per_thread[at::get_thread_num()] += kept;
+  });
+  int64_t kept = 0;
+  for (int64_t k : kept_per_thread) kept += k;
+  return kept;
+}
+
+// Channel granularity of a sampled step: fn(ubegin, uend, u) updates units [ubegin, uend) (`inner`
+// elements each) whose uniforms are u[0 .. uend - ubegin) and returns how many it kept. Split by
+// quads of units (one Philox evaluation each) with about kGrain elements per thread at least: a
+// tensor of a few hundred large rows runs on every thread (split by chunks of kChunk units, it ran
+// on one: at 100M parameters in such tensors the SGD update took 1.8x scale's).
+template <typename Fn>
+int64_t for_each_unit_block(int64_t n_units, int64_t inner, uint64_t key, const Fn& fn) {
+  std::vector<int64_t> kept_per_thread(at::get_num_threads(), 0);
+  const int64_t quads = (n_units + 3) / 4;
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(4 * inner, 1));
+  at::parallel_for(0, quads, grain, [&](int64_t q0, int64_t q1) {
+    alignas(64) float u[kChunk];
+    int64_t kept = 0;
+    for (int64_t q = q0; q < q1; q += kChunk / 4) {
+      const int64_t ubegin = 4 * q;
+      const int64_t uend = std::min(n_units, 4 * std::min(q1, q + kChunk / 4));
+      fill_uniforms(key, ubegin / 4, (uend - ubegin + 3) / 4, u);
+      kept += fn(ubegin, uend, static_cast<const float*>(u));
+    }
+    kept_per_thread[at::get_thread_num()] += kept;
+  });
+  int64_t kept = 0;
+  for (int64_t k : kept_per_thread) kept += k;
+  return kept;
+}
+
+// The op's outputs: (kept units, int64 0-d; [alpha, beta] in the compute dtype).
+template <typename acc_t>
+std::tuple<at::Tensor, at::Tensor> step_outputs(const at::Tensor& param, int64_t kept, acc_t alpha, acc_t beta) {
+  at::Tensor kept_t = at::scalar_tensor(kept, param.options().dtype(at::kLong));
+  at::Tensor scalars = at::empty({2}, param.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  scalars.mutable_data_ptr<acc_t>()[0] = alpha;
+  scalars.mutable_data_ptr<acc_t>()[1] = beta;
+  return {kept_t, scalars};
+}
+
+// The checks both fused steps make on param, grad, the given scores and scalars, key and rate (`op`
+// names the op in the messages).
+void check_step_inputs(const char* op, const at::Tensor& param, const at::Tensor& grad,
+                       const c10::optional<at::Tensor>& scores, const c10::optional<at::Tensor>& scalars, int64_t key,
+                       double rate, bool channel) {
+  TORCH_CHECK(param.device().is_cpu(), op, ": param must be a CPU tensor, got ", param.device());
+  TORCH_CHECK(grad.device() == param.device() && grad.scalar_type() == param.scalar_type() &&
+                  grad.sizes() == param.sizes(),
+              op, ": grad must match param in device, dtype and shape; got ", grad.device(), " ", grad.scalar_type(),
+              " ", grad.sizes(), " for param ", param.device(), " ", param.scalar_type(), " ", param.sizes());
+  TORCH_CHECK(param.is_contiguous() && grad.is_contiguous(), op, ": param and grad must be contiguous");
+  TORCH_CHECK(rate > 0 && rate <= 1, op, ": rate must be in (0, 1], got ", rate);
+  TORCH_CHECK(key >= 0, op, ": key must be >= 0, got ", key);
+  const int64_t n_units = channel ? (param.dim() > 0 ? param.size(0) : 1) : param.numel();
+  if (scores.has_value()) {
+    TORCH_CHECK(scores->dim() == 1 && scores->size(0) == n_units, op, ": scores must be 1-D with ", n_units,
+                " units, got ", scores->sizes());
+  }
+  if (scalars.has_value()) {
+    TORCH_CHECK(scalars->numel() == 2, op, ": scalars must hold [alpha, beta], got ", scalars->numel(), " values");
+  }
+}
+
+// ---- masked_sgd_
+
 template <typename scalar_t, typename acc_t>
 std::tuple<at::Tensor, at::Tensor> masked_sgd_impl(at::Tensor& param, const at::Tensor& grad, at::Tensor& buf,
                                                    const c10::optional<at::Tensor>& scores_in,
@@ -871,84 +997,38 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_impl(at::Tensor& param, const at::
                                                    double rate, double smoothing, int64_t max_iter, int64_t mode,
                                                    bool channel, double lr, double momentum, double dampening,
                                                    double weight_decay, bool nesterov, bool maximize, bool first_step) {
-  channel = per_slice(param, channel);
-  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  const int64_t numel = param.numel();
-  const int64_t n_units = channel ? (param.dim() > 0 ? param.size(0) : 1) : numel;
-  const int64_t inner = n_units > 0 ? numel / n_units : 0;
+  const Units un = units_of(param, channel);
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
   scalar_t* p = param.mutable_data_ptr<scalar_t>();
   scalar_t* b = momentum != 0 ? buf.mutable_data_ptr<scalar_t>() : nullptr;
-  const int nthreads = at::get_num_threads();
 
   // ---- stage 1: per-tensor scalars alpha, beta (q_j = min(1, alpha s_j + beta)); none for scale
-  const bool sampled = step_sampled(mode, rate, n_units);
+  const bool sampled = step_sampled(mode, rate, un.n_units);
   Hyper<acc_t> h = make_hyper<acc_t>(mode, sampled, rate, static_cast<uint64_t>(key), lr, momentum, dampening,
                                      weight_decay, nesterov, maximize, first_step);
-  const acc_t* scores = nullptr;
-  Stage1<acc_t> st{0, 1, at::Tensor(), 0.0};
-  if (sampled) {
-    st = stage1<scalar_t, acc_t>(grad, scores_in, scalars_in, rate, smoothing, max_iter, mode, channel);
-    if (!h.fixed_q) {
-      h.alpha = st.alpha;
-      h.beta = st.beta;
-    }
-    if (st.scores.defined()) scores = st.scores.template const_data_ptr<acc_t>();
-  }
-  const acc_t alpha = sampled ? st.alpha : acc_t(0), beta = sampled ? st.beta : acc_t(1);  // the op's output
+  Stage1<acc_t> st;
+  const acc_t* scores =
+      mask_stage1<scalar_t, acc_t>(h, st, grad, scores_in, scalars_in, rate, smoothing, max_iter, mode, un.channel);
 
   // ---- stage 2: fused sample, mask, rescale and SGD update (csrc/masked_sgd_math.h)
-  const uint64_t ukey = h.key;
-
-  std::vector<int64_t> kept_per_thread(nthreads, 0);
-  if (!channel || !sampled) {
-    at::parallel_for(0, (numel + kChunk - 1) / kChunk, kGrainChunks, [&](int64_t c0, int64_t c1) {
-      alignas(64) float u[kChunk];
-      if (!sampled) std::fill(u, u + kChunk, 0.0f);
-      int64_t kept = 0;
-      const int64_t sub_end = std::min(c1 * (kChunk / kSubChunk), (numel + kSubChunk - 1) / kSubChunk);
-      for (int64_t c = c0 * (kChunk / kSubChunk); c < sub_end; ++c) {
-        const int64_t begin = c * kSubChunk;
-        const int64_t end = std::min(numel, begin + kSubChunk);
-        if (sampled) fill_uniforms(ukey, begin / 4, (end - begin + 3) / 4, u);
-        if (h.fixed_q) {
-          kept += h.has_momentum ? update_elements<true, true, scalar_t, acc_t>(h, g, p, b, begin, end, u)
-                                 : update_elements<false, true, scalar_t, acc_t>(h, g, p, b, begin, end, u);
-        } else {
-          kept += h.has_momentum ? update_elements<true, false, scalar_t, acc_t>(h, g, p, b, begin, end, u)
-                                 : update_elements<false, false, scalar_t, acc_t>(h, g, p, b, begin, end, u);
-        }
+  int64_t kept = 0;
+  if (!un.channel || !sampled) {
+    kept = for_each_element_piece(un.numel, sampled, h.key, [&](int64_t begin, int64_t end, const float* u) -> int64_t {
+      if (h.fixed_q) {
+        return h.has_momentum ? update_elements<true, true, scalar_t, acc_t>(h, g, p, b, begin, end, u)
+                              : update_elements<false, true, scalar_t, acc_t>(h, g, p, b, begin, end, u);
       }
-      kept_per_thread[at::get_thread_num()] += kept;
+      return h.has_momentum ? update_elements<true, false, scalar_t, acc_t>(h, g, p, b, begin, end, u)
+                            : update_elements<false, false, scalar_t, acc_t>(h, g, p, b, begin, end, u);
     });
   } else {
-    // Split by quads of units (one Philox evaluation each) with about kGrain elements per thread
-    // at least: a tensor of a few hundred large rows runs on every thread (split by chunks of
-    // kChunk units, it ran on one: at 100M parameters in such tensors the update took 1.8x scale's).
-    const int64_t quads = (n_units + 3) / 4;
-    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(4 * inner, 1));
-    at::parallel_for(0, quads, grain, [&](int64_t q0, int64_t q1) {
-      alignas(64) float u[kChunk];
-      int64_t kept = 0;
-      for (int64_t q = q0; q < q1; q += kChunk / 4) {
-        const int64_t ubegin = 4 * q;
-        const int64_t uend = std::min(n_units, 4 * std::min(q1, q + kChunk / 4));
-        fill_uniforms(ukey, ubegin / 4, (uend - ubegin + 3) / 4, u);
-        kept += h.has_momentum ? update_channels<true, scalar_t, acc_t>(h, g, p, b, scores, inner, ubegin, uend, u)
-                               : update_channels<false, scalar_t, acc_t>(h, g, p, b, scores, inner, ubegin, uend, u);
-      }
-      kept_per_thread[at::get_thread_num()] += kept;
+    kept = for_each_unit_block(un.n_units, un.inner, h.key, [&](int64_t ubegin, int64_t uend, const float* u) -> int64_t {
+      return h.has_momentum ? update_channels<true, scalar_t, acc_t>(h, g, p, b, scores, un.inner, ubegin, uend, u)
+                            : update_channels<false, scalar_t, acc_t>(h, g, p, b, scores, un.inner, ubegin, uend, u);
     });
   }
-  int64_t kept = 0;
-  for (int64_t k : kept_per_thread) kept += k;
-  if (!sampled) kept = n_units;
-
-  at::Tensor kept_t = at::scalar_tensor(kept, param.options().dtype(at::kLong));
-  at::Tensor scalars = at::empty({2}, param.options().dtype(acc_type));
-  scalars.mutable_data_ptr<acc_t>()[0] = alpha;
-  scalars.mutable_data_ptr<acc_t>()[1] = beta;
-  return {kept_t, scalars};
+  if (!sampled) kept = un.n_units;
+  return step_outputs<acc_t>(param, kept, st.alpha, st.beta);
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_sgd_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& buf,
@@ -957,30 +1037,14 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_cpu(at::Tensor& param, const at::T
                                                   double smoothing, int64_t max_iter, int64_t mode, bool channel,
                                                   double lr, double momentum, double dampening, double weight_decay,
                                                   bool nesterov, bool maximize, bool first_step) {
-  TORCH_CHECK(param.device().is_cpu(), "masked_sgd_: param must be a CPU tensor, got ", param.device());
-  TORCH_CHECK(grad.device() == param.device() && grad.scalar_type() == param.scalar_type() &&
-                  grad.sizes() == param.sizes(),
-              "masked_sgd_: grad must match param in device, dtype and shape; got ", grad.device(), " ",
-              grad.scalar_type(), " ", grad.sizes(), " for param ", param.device(), " ", param.scalar_type(), " ",
-              param.sizes());
-  TORCH_CHECK(param.is_contiguous() && grad.is_contiguous(), "masked_sgd_: param and grad must be contiguous");
   TORCH_CHECK(mode_valid(mode), "masked_sgd_: mode must be in 0..5 (dense, uniform, uniform unbiased, amss, amss+, scale), got ",
               mode);
-  TORCH_CHECK(rate > 0 && rate <= 1, "masked_sgd_: rate must be in (0, 1], got ", rate);
-  TORCH_CHECK(key >= 0, "masked_sgd_: key must be >= 0, got ", key);
+  check_step_inputs("masked_sgd_", param, grad, scores, scalars, key, rate, channel);
   if (momentum != 0) {
     TORCH_CHECK(buf.scalar_type() == param.scalar_type() && buf.sizes() == param.sizes() && buf.is_contiguous() &&
                     buf.device() == param.device(),
                 "masked_sgd_: momentum_buffer must be a contiguous tensor like param when momentum != 0; got ",
                 buf.scalar_type(), " ", buf.sizes());
-  }
-  const int64_t n_units = channel ? (param.dim() > 0 ? param.size(0) : 1) : param.numel();
-  if (scores.has_value()) {
-    TORCH_CHECK(scores->dim() == 1 && scores->size(0) == n_units, "masked_sgd_: scores must be 1-D with ", n_units,
-                " units, got ", scores->sizes());
-  }
-  if (scalars.has_value()) {
-    TORCH_CHECK(scalars->numel() == 2, "masked_sgd_: scalars must hold [alpha, beta], got ", scalars->numel(), " values");
   }
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "masked_sgd_cpu", [&] {
@@ -988,6 +1052,158 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_cpu(at::Tensor& param, const at::T
     out = masked_sgd_impl<scalar_t, acc_t>(param, grad, buf, scores, scalars, key, rate, smoothing, max_iter, mode,
                                            channel, lr, momentum, dampening, weight_decay, nesterov, maximize,
                                            first_step);
+  });
+  return out;
+}
+
+// ---- masked_adamw_: the lazy AdamW step (docs/algorithm.md §2.8), modes 1..4. The mask is
+// masked_sgd_'s (stage 1, uniforms, q, keep test and unit weight through the same functions); a
+// kept unit takes adamw_update (csrc/masked_sgd_math.h) with weight 1/q (unbiased) or 1, a unit
+// not kept is untouched. One pass over p, g, m, v (and vmax) after stage 1.
+
+// Element granularity (or nothing sampled: u = 0, q = 1). maximize is a product by -1 (the value of
+// signed_grad's negation): with signed_grad's select on the run-time flag GCC 12 does not vectorise
+// this loop (it does the SGD one). kFixedQ and kAmsgrad: as update_elements' template flags.
+template <bool kFixedQ, bool kAmsgrad, typename scalar_t, typename acc_t>
+MASKED_OPTIM_CLONES int64_t adamw_elements(const Hyper<acc_t> h, const AdamHyper<acc_t> a, const scalar_t* __restrict g,
+                                           scalar_t* __restrict p, scalar_t* __restrict m, scalar_t* __restrict v,
+                                           scalar_t* __restrict vmax, int64_t begin, int64_t end,
+                                           const float* __restrict u) {
+  int32_t kept = 0;  // a piece holds at most kSubChunk elements
+  const int64_t n = end - begin;
+  const acc_t sign = h.maximize ? acc_t(-1) : acc_t(1);
+  const scalar_t* __restrict gc = g + begin;
+  scalar_t* __restrict pc = p + begin;
+  scalar_t* __restrict mc = m + begin;
+  scalar_t* __restrict vc = v + begin;
+  scalar_t* __restrict xc = kAmsgrad ? vmax + begin : nullptr;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t gv = static_cast<acc_t>(gc[i]) * sign;
+    const acc_t q = unit_probability<kFixedQ>(h, mul_rn(gv, gv));
+    const bool keep = keep_unit(u[i], q);
+    kept += keep ? 1 : 0;
+    acc_t pv = static_cast<acc_t>(pc[i]), mv = static_cast<acc_t>(mc[i]), vv = static_cast<acc_t>(vc[i]);
+    acc_t xv = kAmsgrad ? static_cast<acc_t>(xc[i]) : acc_t(0);
+    adamw_update(a, gv, keep, unit_weight(h, q), pv, mv, vv, xv);
+    pc[i] = static_cast<scalar_t>(pv);
+    mc[i] = static_cast<scalar_t>(mv);
+    vc[i] = static_cast<scalar_t>(vv);
+    if (kAmsgrad) xc[i] = static_cast<scalar_t>(xv);
+  }
+  return kept;
+}
+
+// The AdamW step of one kept slice of n elements, unit weight w.
+template <bool kAmsgrad, typename scalar_t, typename acc_t>
+MASKED_OPTIM_CLONES void adamw_slice(const AdamHyper<acc_t> a, acc_t sign, acc_t w, const scalar_t* __restrict g,
+                                     scalar_t* __restrict p, scalar_t* __restrict m, scalar_t* __restrict v,
+                                     scalar_t* __restrict vmax, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t pv = static_cast<acc_t>(p[i]), mv = static_cast<acc_t>(m[i]), vv = static_cast<acc_t>(v[i]);
+    acc_t xv = kAmsgrad ? static_cast<acc_t>(vmax[i]) : acc_t(0);
+    adamw_update(a, static_cast<acc_t>(g[i]) * sign, true, w, pv, mv, vv, xv);
+    p[i] = static_cast<scalar_t>(pv);
+    m[i] = static_cast<scalar_t>(mv);
+    v[i] = static_cast<scalar_t>(vv);
+    if (kAmsgrad) vmax[i] = static_cast<scalar_t>(xv);
+  }
+}
+
+// Channel granularity of a sampled step: units [ubegin, uend), `inner` contiguous elements each. The
+// keep test and weight are per unit (as update_channels'); a slice that is not kept is not read.
+template <bool kAmsgrad, typename scalar_t, typename acc_t>
+int64_t adamw_channels(const Hyper<acc_t>& h, const AdamHyper<acc_t>& a, const scalar_t* g, scalar_t* p, scalar_t* m,
+                       scalar_t* v, scalar_t* vmax, const acc_t* scores, int64_t inner, int64_t ubegin, int64_t uend,
+                       const float* u) {
+  int64_t kept = 0;
+  const acc_t sign = h.maximize ? acc_t(-1) : acc_t(1);
+  for (int64_t j = ubegin; j < uend; ++j) {
+    const acc_t q = unit_probability(h, scores != nullptr ? scores[j] : acc_t(0));
+    if (!keep_unit(u[j - ubegin], q)) continue;
+    ++kept;
+    const int64_t off = j * inner;
+    adamw_slice<kAmsgrad, scalar_t, acc_t>(a, sign, unit_weight(h, q), g + off, p + off, m + off, v + off,
+                                           kAmsgrad ? vmax + off : nullptr, inner);
+  }
+  return kept;
+}
+
+template <typename scalar_t, typename acc_t>
+std::tuple<at::Tensor, at::Tensor> masked_adamw_impl(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
+                                                     at::Tensor& exp_avg_sq, at::Tensor& max_exp_avg_sq,
+                                                     const c10::optional<at::Tensor>& scores_in,
+                                                     const c10::optional<at::Tensor>& scalars_in, int64_t key,
+                                                     double rate, double smoothing, int64_t max_iter, int64_t mode,
+                                                     bool channel, double lr, double beta1, double beta2, double eps,
+                                                     double weight_decay, double step, bool amsgrad, bool maximize) {
+  const Units un = units_of(param, channel);
+  const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  scalar_t* p = param.mutable_data_ptr<scalar_t>();
+  scalar_t* m = exp_avg.mutable_data_ptr<scalar_t>();
+  scalar_t* v = exp_avg_sq.mutable_data_ptr<scalar_t>();
+  scalar_t* vmax = amsgrad ? max_exp_avg_sq.mutable_data_ptr<scalar_t>() : nullptr;
+
+  // The mask's fields of Hyper (q, the keep test, the unit weight: 1/q when unbiased, else 1 for modes
+  // 1..4; maximize); its SGD fields are unused. rate >= 1 samples nothing: every unit takes AdamW's step.
+  const bool sampled = step_sampled(mode, rate, un.n_units);
+  Hyper<acc_t> h = make_hyper<acc_t>(mode, sampled, rate, static_cast<uint64_t>(key), 0.0, 0.0, 0.0, 0.0, false,
+                                     maximize, false);
+  const AdamHyper<acc_t> a = make_adam_hyper<acc_t>(lr, beta1, beta2, eps, weight_decay, step, amsgrad, maximize);
+  Stage1<acc_t> st;
+  const acc_t* scores =
+      mask_stage1<scalar_t, acc_t>(h, st, grad, scores_in, scalars_in, rate, smoothing, max_iter, mode, un.channel);
+
+  int64_t kept = 0;
+  if (!un.channel || !sampled) {
+    kept = for_each_element_piece(un.numel, sampled, h.key, [&](int64_t begin, int64_t end, const float* u) -> int64_t {
+      if (h.fixed_q) {
+        return amsgrad ? adamw_elements<true, true, scalar_t, acc_t>(h, a, g, p, m, v, vmax, begin, end, u)
+                       : adamw_elements<true, false, scalar_t, acc_t>(h, a, g, p, m, v, vmax, begin, end, u);
+      }
+      return amsgrad ? adamw_elements<false, true, scalar_t, acc_t>(h, a, g, p, m, v, vmax, begin, end, u)
+                     : adamw_elements<false, false, scalar_t, acc_t>(h, a, g, p, m, v, vmax, begin, end, u);
+    });
+  } else {
+    kept = for_each_unit_block(un.n_units, un.inner, h.key, [&](int64_t ubegin, int64_t uend, const float* u) -> int64_t {
+      return amsgrad ? adamw_channels<true, scalar_t, acc_t>(h, a, g, p, m, v, vmax, scores, un.inner, ubegin, uend, u)
+                     : adamw_channels<false, scalar_t, acc_t>(h, a, g, p, m, v, vmax, scores, un.inner, ubegin, uend, u);
+    });
+  }
+  if (!sampled) kept = un.n_units;
+  return step_outputs<acc_t>(param, kept, st.alpha, st.beta);
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_adamw_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
+                                                    at::Tensor& exp_avg_sq, at::Tensor& max_exp_avg_sq,
+                                                    const c10::optional<at::Tensor>& scores,
+                                                    const c10::optional<at::Tensor>& scalars, int64_t key, double rate,
+                                                    double smoothing, int64_t max_iter, int64_t mode, bool channel,
+                                                    double lr, double beta1, double beta2, double eps,
+                                                    double weight_decay, double step, bool amsgrad, bool maximize) {
+  TORCH_CHECK(mode >= kUniform && mode <= kAmssPlus,
+              "masked_adamw_: mode must be in 1..4 (uniform, uniform unbiased, amss, amss+; the dense and scale "
+              "steps are torch.optim.AdamW's own), got ", mode);
+  check_step_inputs("masked_adamw_", param, grad, scores, scalars, key, rate, channel);
+  auto check_state = [&](const at::Tensor& t, const char* name, const char* when) {
+    TORCH_CHECK(t.device() == param.device() && t.scalar_type() == param.scalar_type() && t.sizes() == param.sizes() &&
+                    t.is_contiguous(),
+                "masked_adamw_: ", name, " must be a contiguous tensor like param", when, "; got ", t.device(), " ",
+                t.scalar_type(), " ", t.sizes(), t.is_contiguous() ? "" : " (not contiguous)", " for param ",
+                param.device(), " ", param.scalar_type(), " ", param.sizes());
+  };
+  check_state(exp_avg, "exp_avg", "");
+  check_state(exp_avg_sq, "exp_avg_sq", "");
+  if (amsgrad) check_state(max_exp_avg_sq, "max_exp_avg_sq", " when amsgrad");
+  TORCH_CHECK(beta1 >= 0 && beta1 < 1, "masked_adamw_: beta1 must be in [0, 1), got ", beta1);
+  TORCH_CHECK(beta2 >= 0 && beta2 < 1, "masked_adamw_: beta2 must be in [0, 1), got ", beta2);
+  TORCH_CHECK(step >= 1, "masked_adamw_: step must be >= 1 (the tensor's step count after this step's increment), got ",
+              step);
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "masked_adamw_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    out = masked_adamw_impl<scalar_t, acc_t>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scores, scalars, key,
+                                             rate, smoothing, max_iter, mode, channel, lr, beta1, beta2, eps,
+                                             weight_decay, step, amsgrad, maximize);
   });
   return out;
 }
@@ -1071,6 +1287,7 @@ const char* cpu_kernel_isa() {
 
 TORCH_LIBRARY_IMPL(masked_optim, CPU, m) {
   m.impl("masked_sgd_", &masked_sgd_cpu);
+  m.impl("masked_adamw_", &masked_adamw_cpu);
   m.impl("philox_uniform_", &philox_uniform_cpu);
   m.impl("tensor_scalars", &tensor_scalars_cpu);
 }
