@@ -24,7 +24,8 @@ CPU = torch.device("cpu")
 MODES = [Mode.UNIFORM, Mode.UNIFORM_UNBIASED, Mode.AMSS, Mode.AMSS_PLUS]
 SHAPES = [(0,), (1,), (4097,), (278011,), (5, 123, 123), (64, 3, 3, 3)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-STEPS = 10
+STEPS = 4  # each step changes the rate (0.3, 0.7, 0.05) and the moments it starts from
+BIG = (278011,)  # 3 steps only: the reference's water-filling at this size costs ~1 s a step
 LR, BETA1, BETA2, EPS = 1e-2, 0.9, 0.999, 1e-8
 
 
@@ -68,6 +69,8 @@ def _grid():
         for granularity in ("element", "channel"):
             for dtype in DTYPES:
                 for shape in SHAPES:
+                    if shape == BIG and dtype != torch.float32:  # test_backends runs it in every dtype for the shared mask
+                        continue
                     name = f"{mode.name.lower()}-{granularity}-{str(dtype).split('.')[1]}-{'x'.join(map(str, shape))}"
                     yield pytest.param(mode, granularity, dtype, shape, id=name)
 
@@ -87,7 +90,7 @@ def test_kernel_matches_reference(mode, granularity, dtype, shape):
     p_ker, m_ker, v_ker = p_ref.clone(), m_ref.clone(), v_ref.clone()
     vmax_ker = vmax_ref.clone() if amsgrad else torch.empty(0, dtype=dtype)
     hyper = dict(weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
-    for step in range(STEPS):
+    for step in range(3 if shape == BIG else STEPS):
         rate = [0.3, 0.7, 0.05][step % 3]
         key = derive_key(7, step, 3)
         g = _grad(shape, dtype, step)
