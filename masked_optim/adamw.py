@@ -65,9 +65,9 @@ class MaskedMultiModalAdamW(MaskedOptimizer):
             :class:`~masked_optim.MaskedMultiModalSGD`. The fused kernels run the masked modes;
             ``scale`` and unmasked tensors run torch's AdamW.
         foreach, fused: passed to :func:`torch.optim.adamw.adamw` for the tensors that run torch's
-            AdamW (unmasked, and ``scale``), with torch's meaning. ``foreach=None`` (default) runs the
-            multi-tensor step on every device: on CPU it is torch's for-loop result bit for bit
-            (tested), several times faster.
+            AdamW (unmasked, and ``scale``), with torch's meaning and default (None: torch picks;
+            on CPU tensors, the for-loop). The multi-tensor step gives the for-loop's results bit
+            for bit on CPU (tested); which is faster depends on the tensors and threads.
 
     Example:
         >>> opt = MaskedMultiModalAdamW(modality_param_groups({"audio": a, "video": v}, shared=[head]), lr=1e-3)

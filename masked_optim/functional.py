@@ -493,16 +493,14 @@ def masked_sgd(
 
 def _adamw_dense(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
                  weight_decay, amsgrad, maximize, foreach=None, fused=None) -> None:
-    """``torch.optim.AdamW``'s own step (``torch.optim.adamw.adamw``), so that masking off is AdamW bit
-    for bit. ``foreach=None`` (and no ``fused``) picks torch's multi-tensor implementation: on CPU it
-    gives the for-loop's results bit for bit (tests/test_adamw.py compares with ``foreach=False``)
-    and is several times faster, where torch's own default there is the for-loop.
-    ``max_exp_avg_sqs`` entries may be None without amsgrad."""
+    """``torch.optim.AdamW``'s own step (``torch.optim.adamw.adamw``, with its ``foreach`` / ``fused``
+    choice; None: torch's default, the for-loop on CPU tensors), so that masking off is AdamW bit for
+    bit. ``max_exp_avg_sqs`` entries may be None without amsgrad."""
     from torch.optim.adamw import adamw  # noqa: PLC0415
 
     adamw(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], state_steps,
-        foreach=not fused if foreach is None else foreach, fused=fused,
+        foreach=foreach, fused=fused,
         amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=maximize,
     )
 
@@ -542,7 +540,7 @@ def masked_adamw(
     key of ``params[i]`` for this step; the masks are those of the SGD step (:func:`unit_mask`).
 
     * ``mask="none"``, ``rate >= 1``: ``torch.optim.AdamW``'s own step (bit for bit), with its
-      ``foreach`` / ``fused`` choice (None: the multi-tensor step, see ``_adamw_dense``).
+      ``foreach`` / ``fused`` choice (None: torch's default).
     * ``mask="scale"``: the same with ``lr * rate``: the whole step, Adam update and decoupled
       weight decay, times the rate.
     * ``uniform``, ``amss``, ``amss+``: a lazy step. A unit that is not kept is untouched (its
