@@ -1,4 +1,4 @@
-"""masked_optim: balanced multimodal learning by masked, importance-sampled SGD (AMSS / AMSS+).
+"""masked_optim: balanced multimodal learning by masked, importance-sampled SGD and AdamW (AMSS / AMSS+).
 
 The library needs torch alone: the optimizer, the modal-significance estimator, the functional
 reference, the RNG, the fusion helpers and the backends. The experiment harness (datasets, models,
@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib
 import warnings
 
+from .adamw import MaskedMultiModalAdamW
 from .backends import BackendUnavailable
-from .functional import masked_gradient, masked_sgd
+from .functional import masked_adamw, masked_gradient, masked_sgd
 from .fusion import ConcatFusion, FusionOutput, modality_param_groups, slice_logits
 from .modes import Mode
 from .optim import MaskedMultiModalSGD, ModalityStats, StepStats
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MaskedMultiModalSGD",
+    "MaskedMultiModalAdamW",
     "ModalSignificance",
     "SignificanceStats",
     "StepStats",
@@ -30,6 +32,7 @@ __all__ = [
     "FusionOutput",
     "slice_logits",
     "masked_sgd",
+    "masked_adamw",
     "masked_gradient",
     "Mode",
     "BackendUnavailable",

@@ -492,13 +492,14 @@ def masked_sgd(
 
 
 def _adamw_dense(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
-                 weight_decay, amsgrad, maximize) -> None:
-    """``torch.optim.AdamW``'s own single-tensor step (``foreach=False``), so that masking off is
-    AdamW bit for bit. ``max_exp_avg_sqs`` entries may be None without amsgrad."""
+                 weight_decay, amsgrad, maximize, foreach=None, fused=None) -> None:
+    """``torch.optim.AdamW``'s own step (``torch.optim.adamw.adamw``, with its ``foreach`` / ``fused``
+    choice), so that masking off is AdamW bit for bit. ``max_exp_avg_sqs`` entries may be None
+    without amsgrad."""
     from torch.optim.adamw import adamw  # noqa: PLC0415
 
     adamw(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], state_steps, foreach=False,
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], state_steps, foreach=foreach, fused=fused,
         amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=maximize,
     )
 
@@ -527,6 +528,8 @@ def masked_adamw(
     unbiased: Optional[bool] = None,
     max_iter: int = WATERFILL_MAX_ITER,
     shards: Optional[list[Optional[ShardSpec]]] = None,
+    foreach: Optional[bool] = None,
+    fused: Optional[bool] = None,
 ) -> list[Union[Tensor, int]]:
     """Functional masked AdamW (docs/algorithm.md §2.8) over tensors that share one modality and rate.
 
@@ -535,7 +538,8 @@ def masked_adamw(
     tensor's step counts every step it has a gradient, kept units or not). ``keys[i]`` is the Philox
     key of ``params[i]`` for this step; the masks are those of the SGD step (:func:`unit_mask`).
 
-    * ``mask="none"``, ``rate >= 1``: ``torch.optim.AdamW``'s own step (bit for bit).
+    * ``mask="none"``, ``rate >= 1``: ``torch.optim.AdamW``'s own step (bit for bit), with its
+      ``foreach`` / ``fused`` choice (None: torch's default, the for-loop on CPU).
     * ``mask="scale"``: the same with ``lr * rate``: the whole step, Adam update and decoupled
       weight decay, times the rate.
     * ``uniform``, ``amss``, ``amss+``: a lazy step. A unit that is not kept is untouched (its
@@ -560,7 +564,7 @@ def masked_adamw(
     hyper = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
     if mask in ("none", "scale") or rate >= 1.0:
         _adamw_dense(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                     lr=lr * rate if mask == "scale" and rate < 1.0 else lr, **hyper)
+                     lr=lr * rate if mask == "scale" and rate < 1.0 else lr, foreach=foreach, fused=fused, **hyper)
         return [_num_units(p.shape, granularity) for p in params]
     kept_counts: list[Union[Tensor, int]] = []
     for i, param in enumerate(params):

@@ -629,24 +629,32 @@ def test_scale_resume_from_state_dict_is_bit_identical(granularity):
 BACKEND_NAMES = ("cpp", "reference", "cuda", "triton")
 
 
-def _optim_tree():
-    import ast
-    import masked_optim.optim as optim_module
+OPTIMIZER_MODULES = ("masked_optim._base", "masked_optim.optim", "masked_optim.adamw")
 
-    with open(optim_module.__file__, encoding="utf-8") as f:
+
+def _optim_tree(name):
+    import ast
+    import importlib
+
+    with open(importlib.import_module(name).__file__, encoding="utf-8") as f:
         return ast.parse(f.read())
 
 
 def test_step_is_short():
+    """The shared step (masked_optim/_base.py) reads in one screen; the optimizers define none."""
     import ast
 
-    cls = next(n for n in _optim_tree().body if isinstance(n, ast.ClassDef) and n.name == "MaskedMultiModalSGD")
+    classes = {n.name: n for name in OPTIMIZER_MODULES for n in _optim_tree(name).body if isinstance(n, ast.ClassDef)}
+    for name in ("MaskedMultiModalSGD", "MaskedMultiModalAdamW"):
+        assert not any(isinstance(n, ast.FunctionDef) and n.name == "step" for n in classes[name].body), name
+    cls = classes["MaskedOptimizer"]
     step = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "step")
     assert step.end_lineno - step.lineno + 1 <= 60  # from `def step` to its last line, docstring included
 
 
-def test_optim_does_not_branch_on_backend_names():
-    """Backend dispatch lives in masked_optim.backends: optim.py compares no backend name."""
+@pytest.mark.parametrize("module", OPTIMIZER_MODULES)
+def test_optim_does_not_branch_on_backend_names(module):
+    """Backend dispatch lives in masked_optim.backends: the optimizer modules compare no backend name."""
     import ast
 
     def names_in(node):
@@ -655,7 +663,7 @@ def test_optim_does_not_branch_on_backend_names():
 
     found = [
         (node.lineno, sorted(names_in(side)))
-        for node in ast.walk(_optim_tree())
+        for node in ast.walk(_optim_tree(module))
         if isinstance(node, ast.Compare)
         for side in [node.left, *node.comparators]
         if names_in(side)
@@ -682,9 +690,9 @@ def _batch(mask="amss+", rate=0.4, grads=None, momentum=0.9, granularity="elemen
     options = dict(lr=0.1, momentum=momentum, dampening=0.0, weight_decay=1e-3, nesterov=False, maximize=False,
                    mask=mask, granularity=granularity, smoothing=0.5, sampler="poisson", unbiased=None, backend=backend)
     mode = Mode.of(mask)
-    return GroupTensors(options, params, list(params), grads, [None] * len(grads), [11 + i for i in range(len(grads))],
+    return GroupTensors(options, params, list(params), grads, [11 + i for i in range(len(grads))],
                         [None] * len(grads), rate=rate, mode=mode, masked=mode is not Mode.DENSE,
-                        sparse=mode is not Mode.DENSE and rate < 1)
+                        sparse=mode is not Mode.DENSE and rate < 1, momentum_buffers=[None] * len(grads))
 
 
 @pytest.mark.parametrize("mask", ["uniform", "amss", "amss+", "scale", "none"])

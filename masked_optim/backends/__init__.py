@@ -57,11 +57,14 @@ __all__ = [
     "backend_status",
     "resolve_backend",
     "kernel_for",
+    "adamw_kernel_for",
+    "OPTIMIZERS",
     "extension_available",
     "extension_unavailable_reason",
     "GroupTensors",
     "prepare",
     "masked_sgd_step",
+    "masked_adamw_step",
 ]
 
 BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
@@ -79,21 +82,27 @@ class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run here; the message says why."""
 
 
-def _has_kernel(dispatch_key: str) -> bool:
-    return _cpp_lib.available() and torch._C._dispatch_has_kernel_for_dispatch_key("masked_optim::masked_sgd_", dispatch_key)
+OPTIMIZERS = ("sgd", "adamw")  # the update rules the kernels implement: masked_sgd_ and masked_adamw_
 
 
-def _triton_status() -> Optional[str]:
+def _has_kernel(dispatch_key: str, op: str = "sgd") -> bool:
+    return _cpp_lib.available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"masked_optim::masked_{op}_", dispatch_key)
+
+
+def _triton_status(op: str = "sgd") -> Optional[str]:
     try:
         from . import triton_kernels  # noqa: PLC0415  (imports triton lazily)
     except ImportError as exc:  # pragma: no cover - the module guards its own triton import
         return f"masked_optim.backends.triton_kernels does not import: {exc}"
     ok, reason = triton_kernels.triton_available()
+    if ok and not hasattr(triton_kernels, f"masked_{op}_triton_"):
+        return f"the Triton kernels have no masked_{op}_ step yet"
     return None if ok else reason
 
 
-def backend_status(name: str, device: torch.device) -> Optional[str]:
-    """None when backend ``name`` can run on ``device``, else the reason it cannot."""
+def backend_status(name: str, device: torch.device, op: str = "sgd") -> Optional[str]:
+    """None when backend ``name`` can run ``op``'s step (``"sgd"`` or ``"adamw"``) on ``device``, else
+    the reason it cannot."""
     if name == "reference":
         return None
     if name == "cpp":
@@ -101,8 +110,8 @@ def backend_status(name: str, device: torch.device) -> Optional[str]:
             return f"the cpp backend runs on CPU tensors, got {device.type} tensors"
         if not _cpp_lib.available():
             return _cpp_lib.unavailable_reason()
-        if not _has_kernel("CPU"):
-            return "masked_optim._C was built without the CPU masked_sgd_ kernel; rebuild the package"
+        if not _has_kernel("CPU", op):
+            return f"masked_optim._C was built without the CPU masked_{op}_ kernel; rebuild the package"
         return None
     if name == "cuda":
         if device.type != "cuda":
@@ -111,20 +120,23 @@ def backend_status(name: str, device: torch.device) -> Optional[str]:
             return _cpp_lib.unavailable_reason()
         if not _has_kernel("CUDA"):
             return "masked_optim._C was built without CUDA (needs a CUDA build of torch and nvcc at install time)"
+        if not _has_kernel("CUDA", op):
+            return f"masked_optim._C was built without the CUDA masked_{op}_ kernel; rebuild the package"
         return None
     if name == "triton":
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         if device.type != "cuda" and not (interpreted and device.type == "cpu"):
             return f"the triton backend runs on CUDA tensors (CPU only under TRITON_INTERPRET=1), got {device.type} tensors"
-        return _triton_status()
+        return _triton_status(op)
     raise ValueError(f"Invalid backend: {name!r}; allowed: one of {BACKENDS}")
 
 
 _WARNED: set = set()
 
 
-def resolve_backend(requested: str, device: torch.device, sampler: str = "poisson") -> str:
-    """The backend that runs for ``requested`` on ``device`` (raises if an explicit one cannot)."""
+def resolve_backend(requested: str, device: torch.device, sampler: str = "poisson", op: str = "sgd") -> str:
+    """The backend that runs ``op``'s step (``"sgd"`` or ``"adamw"``) for ``requested`` on ``device``
+    (raises if an explicit one cannot)."""
     if requested not in BACKENDS:
         raise ValueError(f"Invalid backend: {requested!r}; allowed: one of {', '.join(map(repr, BACKENDS))}")
     if sampler != "poisson":
@@ -135,21 +147,21 @@ def resolve_backend(requested: str, device: torch.device, sampler: str = "poisso
             )
         return "reference"
     if requested != "auto":
-        reason = backend_status(requested, device)
+        reason = backend_status(requested, device, op)
         if reason is not None:
             raise BackendUnavailable(f"backend={requested!r} is unavailable: {reason}")
         return requested
     candidates = ("cuda", "triton") if device.type == "cuda" else ("cpp",) if device.type == "cpu" else ()
     reasons = []
     for name in candidates:
-        reason = backend_status(name, device)
+        reason = backend_status(name, device, op)
         if reason is None:
             return name
         reasons.append(f"{name}: {reason}")
-    if candidates and device.type not in _WARNED:
-        _WARNED.add(device.type)
+    if candidates and (device.type, op) not in _WARNED:
+        _WARNED.add((device.type, op))
         warnings.warn(
-            f"masked_optim: no fused backend for {device.type} tensors ({'; '.join(reasons)}); "
+            f"masked_optim: no fused {op} backend for {device.type} tensors ({'; '.join(reasons)}); "
             "using the pure-PyTorch reference, which is correct but much slower",
             stacklevel=3,
         )
@@ -167,4 +179,15 @@ def kernel_for(name: str) -> Callable:
     raise ValueError(f"Invalid fused backend: {name!r}; allowed: one of {FUSED}")
 
 
-from .dispatch import GroupTensors, masked_sgd_step, prepare  # noqa: E402  (dispatch uses the names above)
+def adamw_kernel_for(name: str) -> Callable:
+    """The per-tensor lazy AdamW kernel of a fused backend (``masked_adamw_``'s contract, _ops.py)."""
+    if name in ("cpp", "cuda"):
+        return torch.ops.masked_optim.masked_adamw_
+    if name == "triton":
+        from .triton_kernels import masked_adamw_triton_
+
+        return masked_adamw_triton_
+    raise ValueError(f"Invalid fused backend: {name!r}; allowed: one of {FUSED}")
+
+
+from .dispatch import GroupTensors, masked_adamw_step, masked_sgd_step, prepare  # noqa: E402  (dispatch uses the names above)

@@ -9,11 +9,13 @@ and hands it here, in two calls so that nothing is updated before every gradient
    of ``g**2`` is the probe and whose ``[alpha, beta]`` and scores the kernel then reuses; the
    other tensors (other backends, and ``mask="scale"``, which has no stage 1) are probed together,
    by one multi-tensor ``torch._foreach_norm`` per group, device and dtype (shards: ``aminmax``).
-2. :func:`masked_sgd_step` (per group, once the probes are all finite): runs each backend on its
-   tensors and returns the kept-unit counts.
+2. :func:`masked_sgd_step` / :func:`masked_adamw_step` (per group, once the probes are all
+   finite): runs each backend on its tensors and returns the kept-unit counts.
 
 Tensors with nothing to mask (shared or ``masked=False`` groups, ``mask="none"``, rate 1) always
-run the reference, i.e. ``torch.optim.SGD``'s own ops, so that masking off is SGD bit for bit.
+run the reference, i.e. ``torch.optim.SGD``'s (``torch.optim.AdamW``'s) own ops, so that masking
+off is the torch optimizer bit for bit; so do AdamW's ``mask="scale"`` tensors (AdamW with
+``lr * rate``, docs/algorithm.md §2.8).
 Sharded (DTensor) tensors run the reference too: only it takes a global unit offset.
 """
 
@@ -25,10 +27,13 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 from torch import Tensor
 
-from ..functional import WATERFILL_MAX_ITER, ShardSpec, _compute_dtype, masked_sgd
+from ..functional import WATERFILL_MAX_ITER, ShardSpec, _compute_dtype, masked_adamw, masked_sgd
 from ..modes import Mode
 
-__all__ = ["GroupTensors", "Probes", "Backend", "backend_named", "effective_sampler", "prepare", "masked_sgd_step", "REFERENCE"]
+__all__ = [
+    "GroupTensors", "AdamState", "Probes", "Backend", "backend_named", "effective_sampler", "prepare", "masked_sgd_step",
+    "masked_adamw_step", "REFERENCE",
+]
 
 REFERENCE = "reference"  # what runs tensors with nothing to mask, and sharded tensors
 
@@ -42,31 +47,45 @@ def effective_sampler(mask: str, sampler: str) -> str:
 
 
 @dataclass
+class AdamState:
+    """The AdamW state of a group's tensors with a gradient, as local tensors (one entry per tensor):
+    ``max_exp_avg_sqs`` entries are None without amsgrad; ``steps`` are the 0-d step tensors."""
+
+    exp_avgs: list[Tensor] = field(default_factory=list)
+    exp_avg_sqs: list[Tensor] = field(default_factory=list)
+    max_exp_avg_sqs: list[Optional[Tensor]] = field(default_factory=list)
+    steps: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
 class GroupTensors:
     """The tensors of one param group that have a gradient, as one step sees them.
 
-    ``params`` are the group's parameters (DTensors for sharded ones) and ``local_params``,
-    ``grads`` and ``momentum_buffers`` their local tensors (the buffer None before the first step
-    with momentum); ``keys`` the Philox keys of this step, ``shards`` where each local shard sits
+    ``params`` are the group's parameters (DTensors for sharded ones) and ``local_params`` and
+    ``grads`` their local tensors; ``keys`` the Philox keys of this step, ``shards`` where each local shard sits
     (None when the tensor is all here). ``options``: the param group (``lr``, ``mask``, ...);
     ``rate``: the keep rate of this step; ``mode``: the group's kernel mode. ``masked``: the group
     masks (a modality's group with ``masked=True`` and a mask other than ``"none"``); ``sparse``:
-    masked at a rate below 1, i.e. something to sample or scale (otherwise the step is plain SGD).
-    :func:`prepare` fills ``backends`` and ``prepared``; :func:`masked_sgd_step` replaces
-    ``momentum_buffers`` by the buffers it wrote.
+    masked at a rate below 1, i.e. something to sample or scale (otherwise the step is the torch
+    optimizer's). ``kind``: ``"sgd"`` or ``"adamw"``, the update that runs. The optimizer fills the
+    state: ``momentum_buffers`` (SGD: local tensors, None before the first step with momentum;
+    :func:`masked_sgd_step` replaces them by the buffers it wrote) or ``adam`` (AdamW).
+    :func:`prepare` fills ``backends`` and ``prepared``.
     """
 
     options: Mapping[str, Any]
     params: list[Tensor]
     local_params: list[Tensor]
     grads: list[Tensor]
-    momentum_buffers: list[Optional[Tensor]]
     keys: list[int]
     shards: list[Optional[ShardSpec]]
     rate: float
     mode: Mode
     masked: bool
     sparse: bool
+    kind: str = "sgd"
+    momentum_buffers: list[Optional[Tensor]] = field(default_factory=list)
+    adam: Optional[AdamState] = None
     backends: list["Backend"] = field(default_factory=list)
     prepared: list[Optional[tuple[Tensor, Optional[Tensor]]]] = field(default_factory=list)
 
@@ -148,6 +167,11 @@ class Backend:
         by the ones written) and return their kept-unit counts."""
         raise NotImplementedError
 
+    def run_adamw(self, batch: GroupTensors, idx: list[int]) -> list[Union[Tensor, int]]:
+        """The lazy AdamW step (docs/algorithm.md §2.8) of tensors ``idx`` of ``batch``, in place
+        (``batch.adam``; the caller has not incremented the steps); return the kept-unit counts."""
+        raise NotImplementedError
+
 
 class ReferenceBackend(Backend):
     """The pure-PyTorch step of :func:`masked_optim.functional.masked_sgd` (every option, shards)."""
@@ -176,6 +200,36 @@ class ReferenceBackend(Backend):
             unbiased=o["unbiased"],
             max_iter=WATERFILL_MAX_ITER,
             shards=shards if any(s is not None for s in shards) else None,
+        )
+
+    def run_adamw(self, batch, idx):
+        o, a = batch.options, batch.adam
+        shards = [batch.shards[i] for i in idx]
+        return masked_adamw(
+            [batch.local_params[i] for i in idx],
+            [batch.grads[i] for i in idx],
+            [a.exp_avgs[i] for i in idx],
+            [a.exp_avg_sqs[i] for i in idx],
+            [a.max_exp_avg_sqs[i] for i in idx],
+            [a.steps[i] for i in idx],
+            [batch.keys[i] for i in idx],
+            lr=o["lr"],
+            beta1=o["betas"][0],
+            beta2=o["betas"][1],
+            eps=o["eps"],
+            weight_decay=o["weight_decay"],
+            amsgrad=o["amsgrad"],
+            maximize=o["maximize"],
+            mask=o["mask"] if batch.sparse else "none",
+            rate=batch.rate if batch.sparse else 1.0,
+            granularity=o["granularity"],
+            smoothing=o["smoothing"],
+            sampler=o["sampler"],
+            unbiased=o["unbiased"],
+            max_iter=WATERFILL_MAX_ITER,
+            shards=shards if any(s is not None for s in shards) else None,
+            foreach=o["foreach"],
+            fused=o["fused"],
         )
 
 
@@ -222,6 +276,36 @@ class FusedBackend(Backend):
             counts.append(kept)
         return counts
 
+    @property
+    def adamw_kernel(self) -> Callable:
+        from . import adamw_kernel_for  # noqa: PLC0415
+
+        return adamw_kernel_for(self.name)
+
+    def run_adamw(self, batch, idx):
+        """One kernel call per tensor (masked modes only: scale and dense tensors run the reference);
+        non-contiguous tensors go through contiguous copies."""
+        o, a, kernel = batch.options, batch.adam, self.adamw_kernel
+        counts = []
+        for i in idx:
+            a.steps[i] += 1
+            tensors = [batch.local_params[i], a.exp_avgs[i], a.exp_avg_sqs[i], a.max_exp_avg_sqs[i]]
+            if tensors[3] is None:
+                tensors[3] = tensors[0].new_empty(0)
+            work = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+            scalars, scores = batch.prepared[i] if batch.prepared and batch.prepared[i] is not None else (None, None)
+            kept, _ = kernel(
+                work[0], batch.grads[i].contiguous(), work[1], work[2], work[3], scores, scalars, batch.keys[i],
+                float(batch.rate), float(o["smoothing"]), WATERFILL_MAX_ITER, int(batch.mode), o["granularity"] == "channel",
+                float(o["lr"]), float(o["betas"][0]), float(o["betas"][1]), float(o["eps"]), float(o["weight_decay"]),
+                float(a.steps[i]), bool(o["amsgrad"]), bool(o["maximize"]),
+            )
+            for t, w in zip(tensors, work):
+                if w is not t:
+                    t.copy_(w)
+            counts.append(kept)
+        return counts
+
 
 class CppBackend(FusedBackend):
     """The fused C++ op on CPU tensors, whose stage 1 runs in :meth:`prepare`: its float64 sum of
@@ -260,11 +344,13 @@ def backend_named(name: str) -> Backend:
 
 
 def _route(batch: GroupTensors, resolve: Resolver) -> None:
-    """Pick each tensor's backend: the resolved one for a sparse, unsharded tensor, else the reference."""
+    """Pick each tensor's backend: the resolved one for a sparse, unsharded tensor, else the reference
+    (also AdamW's ``scale`` tensors: torch's AdamW with ``lr * rate``)."""
     o = batch.options
     sampler = effective_sampler(o["mask"], o["sampler"])
+    fused = batch.sparse and not (batch.kind == "adamw" and batch.mode is Mode.SCALE)
     batch.backends = [
-        backend_named(resolve(o["backend"], p.device, sampler) if batch.sparse and not batch.is_distributed(i) else REFERENCE)
+        backend_named(resolve(o["backend"], p.device, sampler) if fused and not batch.is_distributed(i) else REFERENCE)
         for i, p in enumerate(batch.params)
     ]
 
@@ -315,4 +401,17 @@ def masked_sgd_step(batch: GroupTensors) -> list[Union[Tensor, int]]:
         for j, i in enumerate(idx):
             kept[i] = counts[j]
             batch.momentum_buffers[i] = bufs[j]
+    return kept
+
+
+def masked_adamw_step(batch: GroupTensors) -> list[Union[Tensor, int]]:
+    """Run one group's AdamW step (after :func:`prepare`): each backend on its tensors, in place
+    (``batch.adam``, steps included). Returns the kept-unit count of every tensor."""
+    kept: list = [None] * len(batch.params)
+    by_backend: dict[Backend, list[int]] = {}
+    for i, backend in enumerate(batch.backends):
+        by_backend.setdefault(backend, []).append(i)
+    for backend, idx in by_backend.items():
+        for i, count in zip(idx, backend.run_adamw(batch, idx)):
+            kept[i] = count
     return kept
