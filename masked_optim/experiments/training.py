@@ -96,7 +96,7 @@ OPTIMIZERS = ("sgd", "adamw")  # TrainConfig.optimizer: MaskedMultiModalSGD or M
 # "Results on real and synthetic data"), reused for every method. ``lr_adamw``: the same choice for joint
 # training under AdamW (optimizer="adamw"), every family swept on validation (docs/results.md, "The AdamW study").
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "synthetic": {"epochs": 50, "lr": 0.01, "lr_adamw": 1e-3, "batch_size": 64},
+    "synthetic": {"epochs": 50, "lr": 0.01, "lr_adamw": 3e-3, "batch_size": 64},
     "mfeat": {"epochs": 80, "lr": 0.01, "lr_adamw": 1e-3, "batch_size": 64},
     "watch": {"epochs": 40, "lr": 0.01, "lr_adamw": 1e-3, "batch_size": 32},
 }
