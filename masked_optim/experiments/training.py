@@ -94,7 +94,8 @@ OPTIMIZERS = ("sgd", "adamw")  # TrainConfig.optimizer: MaskedMultiModalSGD or M
 # Per dataset family: epochs, learning rate and batch size. Synthetic: docs/algorithm.md §8. mfeat and watch:
 # the learning rate is the one joint training does best with on the validation split (docs/results.md,
 # "Results on real and synthetic data"), reused for every method. ``lr_adamw``: the same choice for joint
-# training under AdamW (optimizer="adamw"), every family swept on validation (docs/results.md, "The AdamW study").
+# training under AdamW (optimizer="adamw"), swept on validation (benchmarks/results/adamw_study/lr_sweep_adamw.json;
+# docs/results.md, "The AdamW study"): synthetic the best mean over xor and parity3, one lr for the family.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "synthetic": {"epochs": 50, "lr": 0.01, "lr_adamw": 3e-3, "batch_size": 64},
     "mfeat": {"epochs": 80, "lr": 0.01, "lr_adamw": 1e-3, "batch_size": 64},
