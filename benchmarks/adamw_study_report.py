@@ -4,7 +4,7 @@ Reads the JSONs of ``benchmarks/run_adamw_study.sh`` (first argument, default
 ``benchmarks/results/adamw_study``): per setting ``<name>_base`` (joint, OGM-GE), ``<name>_scale``
 (scale@ratio, the default release), ``<name>_norelease`` (scale@ratio, ``release_at=inf``, shown as
 ``scale@ratio (no release)``) and, on the synthetic settings, ``<name>_masked`` (amss@ratio,
-amss+@ratio, uniform@ratio). Every method is paired with ``joint`` on (seed, fold, data draw);
+amss+@ratio, uniform@ratio); ``<name>_<part>_more`` adds seeds to a part (watch). Every method is paired with ``joint`` on (seed, fold, data draw);
 differences are in points of test accuracy ± the s.e. of the paired difference. Missing parts are
 left blank, so the report runs on a partial study. Prints a markdown table, the criteria of the
 study (the default beats joint by > 2 s.e. on both synthetic settings and loses no more than 1 s.e.
@@ -45,13 +45,14 @@ def load(path: str) -> list[dict] | None:
 def setting_runs(out: str, name: str) -> tuple[list[dict], float]:
     runs, wall = [], 0.0
     for part in ("base", "scale", "norelease", "masked"):
-        got = load(os.path.join(out, f"{name}_{part}.json"))
-        if got is None:
-            continue
-        wall += sum(r["wall_time_s"] for r in got)
-        if part == "norelease":
-            got = [{**r, "config": {**r["config"], "method": NO_RELEASE}} for r in got]
-        runs += got
+        for suffix in ("", "_more"):  # _more: further seeds of the same part (watch seeds 2-4)
+            got = load(os.path.join(out, f"{name}_{part}{suffix}.json"))
+            if got is None:
+                continue
+            wall += sum(r["wall_time_s"] for r in got)
+            if part == "norelease":
+                got = [{**r, "config": {**r["config"], "method": NO_RELEASE}} for r in got]
+            runs += got
     return runs, wall
 
 
