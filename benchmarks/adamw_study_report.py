@@ -104,6 +104,19 @@ def main(out: str = os.path.join(os.path.dirname(__file__), "results", "adamw_st
         else:
             print(f"- {name}: Δ {diff:+.2f} ± {se:.2f} = {z:+.1f} s.e. (no worse than -1 s.e.: {'MET' if diff >= -se else 'NOT MET'})")
 
+    for name in SETTINGS:
+        for lr in ("0.001",):
+            runs = load(os.path.join(out, f"{name}_lr{lr}.json"))
+            if runs is None:
+                continue
+            s = summarise({"runs": runs})
+            acc = s[DEFAULT]["accuracy"]
+            print(f"\nlr {lr} ({name}): joint {100 * s['joint']['accuracy']['mean']:.1f}, {DEFAULT} "
+                  f"{100 * acc['diff_vs_joint']:+.2f} ± {100 * acc['diff_se']:.2f} (n={s[DEFAULT]['n']})")
+
+    sgd_reference(groups, os.path.join(os.path.dirname(os.path.abspath(out)), "release_study"),
+                  os.path.join(os.path.dirname(os.path.abspath(out)), "rule_study"))
+
     sweep = os.path.join(out, "lr_sweep_adamw.json")
     if os.path.isfile(sweep):
         with open(sweep) as fh:
@@ -116,6 +129,42 @@ def main(out: str = os.path.join(os.path.dirname(__file__), "results", "adamw_st
                 f"{r['lr']:g} {100 * r['val_accuracy_mean']:.2f} ± {100 * r['val_accuracy_std']:.2f}" + ("*" if r is best else "")
                 for r in mine) + f" ({mine[0]['runs']} runs each)")
     print("\nwall time (training, sum over runs): " + ", ".join(f"{n} {walls[n]:.0f} s" for n in SETTINGS if walls.get(n)))
+
+
+def sgd_reference(groups: dict[str, list[dict]], release: str, rule: str) -> None:
+    """AdamW's joint against SGD's joint and SGD's default (scale@ratio) on the same runs: the release
+    study's held-out JSONs (same draws, seeds, folds), watch from the rule and release studies."""
+    files = {
+        "synthetic_xor": [os.path.join(release, "synthetic_xor_heldout.json")],
+        "synthetic_parity3": [os.path.join(release, "synthetic_parity3_heldout.json")],
+        "mfeat_fac_zer": [os.path.join(release, "mfeat_fac_zer_heldout.json")],
+        "watch": [os.path.join(rule, "watch.json"), os.path.join(release, "watch_scale.json")],
+    }
+
+    def key(r):
+        c = r["config"]
+        return c["seed"], c["fold"], c.get("data_seed", 0)
+
+    print("\nAdamW joint vs SGD (the same data, seeds, folds; SGD from the release / rule studies; points ± s.e.):")
+    for name, runs in groups.items():
+        adamw = {key(r): r["test"]["accuracy"] for r in runs if r["config"]["method"] == "joint"}
+        sgd: dict[str, dict] = {"joint": {}, DEFAULT: {}}
+        for path in files[name]:
+            if not os.path.isfile(path):
+                continue
+            with open(path) as fh:
+                for r in json.load(fh)["runs"]:
+                    if r["config"]["method"] in sgd and r["config"].get("optimizer", "sgd") == "sgd":
+                        sgd[r["config"]["method"]][key(r)] = r["test"]["accuracy"]
+        parts = []
+        for method, accs in sgd.items():
+            keys = sorted(k for k in adamw if k in accs)
+            if len(keys) < 2:
+                continue
+            d = [100 * (adamw[k] - accs[k]) for k in keys]
+            parts.append(f"vs SGD {method} ({100 * statistics.mean(accs[k] for k in keys):.1f}): "
+                         f"{statistics.mean(d):+.2f} ± {statistics.stdev(d) / len(d) ** 0.5:.2f} (n={len(d)})")
+        print(f"- {name}: AdamW joint {100 * statistics.mean(adamw.values()):.1f}; " + "; ".join(parts))
 
 
 if __name__ == "__main__":
