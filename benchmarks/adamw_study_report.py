@@ -121,12 +121,15 @@ def main(out: str = os.path.join(os.path.dirname(__file__), "results", "adamw_st
     if os.path.isfile(sweep):
         with open(sweep) as fh:
             rows = json.load(fh)["rows"]
-        print("\nlr sweep (joint, AdamW, validation accuracy %, mean ± std; * = chosen):")
+        from masked_optim.experiments.training import DATASET_DEFAULTS
+
+        print("\nlr sweep (joint, AdamW, validation accuracy %, mean ± std; * = lr_adamw, the one used; "
+              "synthetic: one lr for both settings, the best mean):")
         for dataset in dict.fromkeys(r["dataset"] for r in rows):
             mine = [r for r in rows if r["dataset"] == dataset]
-            best = max(mine, key=lambda r: r["val_accuracy_mean"])
+            used = DATASET_DEFAULTS[dataset.partition(":")[0]]["lr_adamw"]
             print(f"- {dataset}: " + ", ".join(
-                f"{r['lr']:g} {100 * r['val_accuracy_mean']:.2f} ± {100 * r['val_accuracy_std']:.2f}" + ("*" if r is best else "")
+                f"{r['lr']:g} {100 * r['val_accuracy_mean']:.2f} ± {100 * r['val_accuracy_std']:.2f}" + ("*" if r["lr"] == used else "")
                 for r in mine) + f" ({mine[0]['runs']} runs each)")
     print("\nwall time (training, sum over runs): " + ", ".join(f"{n} {walls[n]:.0f} s" for n in SETTINGS if walls.get(n)))
 

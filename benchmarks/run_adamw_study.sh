@@ -6,10 +6,12 @@
 # choose anything (the lr sweep used synthetic draws 0,1 and seeds 0,1 on validation only):
 #   synthetic:xor / synthetic:parity3: data draws 2,3 x seeds 0-4; mfeat:fac+zer: seeds 5-9; watch: 5 folds x seeds 0-4
 #   methods: joint, ogm-ge, scale@ratio (the default: ratio rule, release_at 0.2) and scale@ratio --release-at inf
-#   synthetic only: the masked modes amss@ratio, amss+@ratio, uniform@ratio (the rate acts through the unit mask)
+#   synthetic only: the masked modes amss@ratio, amss+@ratio, uniform@ratio (the rate acts through the unit mask),
+#   and joint / scale@ratio at lr 1e-3 (a third of the chosen lr: does rebalancing help a less-converged joint?)
 # One process at a time, one thread (OMP_NUM_THREADS=1). Each part is its own JSON; a part whose JSON exists
-# is skipped, so a run that dies loses nothing finished and a rerun continues. WATCH_SEEDS (default 5) sets
-# watch's seeds (a count or a list). Writes benchmarks/results/adamw_study/*.{json,txt,log} and adamw_study.txt.
+# is skipped, so a run that dies loses nothing finished and a rerun continues. watch runs seeds 0,1 first and
+# seeds 2-4 last (<name>_more.json), so a study cut short still has every method on every fold.
+# Writes benchmarks/results/adamw_study/*.{json,txt,log} and adamw_study.txt.
 #     bash benchmarks/run_adamw_study.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +29,7 @@ run() {  # dataset, output name, methods, extra arguments
 }
 SYN="--seeds 5 --data-seeds 2,3"
 MFEAT="--seeds 5,6,7,8,9"
-WATCH="--seeds ${WATCH_SEEDS:-5}"
+WATCH="--seeds 0,1"
 # joint and OGM-GE (mask none: plain AdamW, OGM-GE modulating its gradients)
 run synthetic:xor synthetic_xor_base joint,ogm-ge $SYN
 run synthetic:parity3 synthetic_parity3_base joint,ogm-ge $SYN
@@ -45,4 +47,11 @@ run watch watch_norelease scale@ratio $WATCH --release-at inf
 # the masked modes on the synthetic settings
 run synthetic:xor synthetic_xor_masked amss@ratio,amss+@ratio,uniform@ratio $SYN
 run synthetic:parity3 synthetic_parity3_masked amss@ratio,amss+@ratio,uniform@ratio $SYN
+# watch, seeds 2-4
+run watch watch_base_more joint,ogm-ge --seeds 2,3,4
+run watch watch_scale_more scale@ratio --seeds 2,3,4
+run watch watch_norelease_more scale@ratio --seeds 2,3,4 --release-at inf
+# sensitivity: joint and the default at a third of the chosen lr (1e-3), where joint is further from converged
+run synthetic:xor synthetic_xor_lr0.001 joint,scale@ratio $SYN --lr 0.001
+run synthetic:parity3 synthetic_parity3_lr0.001 joint,scale@ratio $SYN --lr 0.001
 $PY benchmarks/adamw_study_report.py "$OUT" | tee "$OUT/adamw_study.txt"
