@@ -172,3 +172,35 @@ def test_cli_rule_power_and_data_seeds_reach_the_runs(tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
             main(["compare", "--dataset", "synthetic:xor", "--methods", "joint", *bad])
         assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_train_adamw_records_the_optimizer(tmp_path, capsys):
+    import json
+
+    path = tmp_path / "run.json"
+    assert main(["train", "--dataset", "synthetic:xor", "--method", "scale", "--optimizer", "adamw", "--epochs", "1",
+                 "--no-probe", "--quiet", "--adam-betas", "0.8", "0.99", "--json", str(path)]) == 0
+    assert "(adamw)" in capsys.readouterr().out
+    config = json.loads(path.read_text())["config"]
+    assert config["optimizer"] == "adamw" and (config["adam_beta1"], config["adam_beta2"]) == (0.8, 0.99)
+    assert config["weight_decay"] == 1e-4  # passed as given, not AdamW's 1e-2
+    assert main(["compare", "--dataset", "synthetic:xor", "--methods", "joint,scale", "--seeds", "1", "--epochs", "1",
+                 "--no-probe", "--quiet", "--no-plot", "--optimizer", "adamw", "--out", str(tmp_path), "--name", "c"]) == 0
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert {r["config"]["optimizer"] for r in c["runs"]} == {"adamw"}
+
+
+def test_cli_train_adamw_resume_is_bit_identical_and_the_optimizer_is_checked(tmp_path, capsys):
+    ckpt = tmp_path / "run.pt"
+    args, full = _train_args(tmp_path, "full", "--epochs", "3", "--optimizer", "adamw")
+    assert main(args) == 0
+    args, _ = _train_args(tmp_path, "part", "--epochs", "2", "--optimizer", "adamw", "--checkpoint", str(ckpt))
+    assert main(args) == 0
+    args, resumed = _train_args(tmp_path, "resumed", "--epochs", "3", "--optimizer", "adamw", "--resume", str(ckpt))
+    assert main(args) == 0
+    assert _without_wall_time(resumed) == _without_wall_time(full)
+    capsys.readouterr()
+    args, _ = _train_args(tmp_path, "bad", "--epochs", "3", "--resume", str(ckpt))  # the default optimizer, sgd
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and "optimizer: checkpoint 'adamw', config 'sgd'" in capsys.readouterr().err

@@ -323,3 +323,80 @@ def test_cli_errors_are_one_line(args, pattern, capsys):
         main(args)
     assert exc.value.code == 2
     assert pattern in capsys.readouterr().err
+
+
+# --- AdamW (TrainConfig.optimizer) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["joint", "scale"])
+def test_adamw_runs_every_method_kind_and_records_the_optimizer(tiny, method):
+    seen = {}
+
+    def hook(epoch, model, data, optimizer):
+        g = optimizer.param_groups[0]
+        seen.update(cls=type(optimizer).__name__, wd=g["weight_decay"], betas=tuple(g["betas"]), mask=g["mask"])
+
+    r = train(TrainConfig(dataset="synthetic:xor", method=method, optimizer="adamw", epochs=1, probe=False), tiny,
+              on_epoch_end=hook)
+    assert r["config"]["optimizer"] == "adamw" and r["diverged_at_epoch"] is None
+    from masked_optim.experiments.training import DATASET_DEFAULTS
+
+    assert r["config"]["lr"] == DATASET_DEFAULTS["synthetic"]["lr_adamw"]  # AdamW's default learning rate
+    # the weight decay is passed as given (not switched to AdamW's 1e-2); momentum is not used
+    assert seen == {"cls": "MaskedMultiModalAdamW", "wd": TrainConfig.weight_decay, "betas": (0.9, 0.999),
+                    "mask": "none" if method == "joint" else "scale"}
+    sgd = train(TrainConfig(dataset="synthetic:xor", method=method, epochs=1, probe=False, lr=r["config"]["lr"]), tiny)
+    assert sgd["config"]["optimizer"] == "sgd" and sgd["history"] != r["history"]
+    json.dumps(r)
+
+
+def test_adamw_joint_is_torch_adamw(tiny):
+    """joint under AdamW is torch.optim.AdamW: the same loop with torch's optimizer ends at the same weights."""
+    from masked_optim.experiments import training
+
+    weights = {}
+
+    def hook(epoch, model, data, optimizer):
+        weights[type(optimizer).__name__] = [p.detach().clone() for p in model.parameters()]
+
+    config = TrainConfig(dataset="synthetic:xor", method="joint", optimizer="adamw", epochs=1, probe=False, weight_decay=0.01)
+    train(config, tiny, on_epoch_end=hook)
+    real = training._build
+
+    class TorchAdamW(torch.optim.AdamW):
+        def step(self, rates=None):
+            assert rates is None
+            return super().step()
+
+    def build(config, data):
+        model, opt, *rest = real(config, data)
+        groups = [{k: v for k, v in g.items() if k in ("params", "lr", "betas", "eps", "weight_decay")} for g in opt.param_groups]
+        return (model, TorchAdamW(groups), *rest)
+
+    training._build = build
+    try:
+        train(config, tiny, on_epoch_end=hook)
+    finally:
+        training._build = real
+    for a, b in zip(weights["MaskedMultiModalAdamW"], weights["TorchAdamW"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_adamw_ogm_ge_and_masked_modes_run(tiny):
+    for method in ("ogm-ge", "amss", "amss+:channel", "uniform"):
+        r = run(tiny, method, optimizer="adamw", epochs=1)
+        assert r["config"]["optimizer"] == "adamw" and r["steps"] > 0
+
+
+def test_optimizer_is_validated():
+    with pytest.raises(ValueError, match="Invalid optimizer: 'adam'"):
+        TrainConfig(dataset="synthetic:xor", optimizer="adam").resolved()
+
+
+def test_merge_refuses_mixed_optimizers(tiny):
+    base = TrainConfig(epochs=1, probe=False)
+    sgd = run_compare("synthetic:xor", ["joint"], [0], base=base, progress=False)
+    adamw = run_compare("synthetic:xor", ["scale"], [0], base=TrainConfig(epochs=1, probe=False, optimizer="adamw"), progress=False)
+    with pytest.raises(ValueError, match="one optimizer in a comparison"):
+        merge_comparisons([sgd, adamw])
+    assert "(adamw)" in format_table(adamw)

@@ -72,8 +72,16 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="default: the dataset's (see training.DATASET_DEFAULTS)")
     p.add_argument("--lr", type=float, default=None, help="default: the dataset's")
     p.add_argument("--batch-size", type=int, default=None, help="default: the dataset's")
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adamw"],
+                   help="MaskedMultiModalSGD or MaskedMultiModalAdamW under every method (default %(default)s; "
+                        "adamw's default --lr is the dataset's lr_adamw)")
+    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD only")
+    p.add_argument("--adam-betas", type=float, nargs=2, default=(d.adam_beta1, d.adam_beta2), metavar=("B1", "B2"),
+                   help="AdamW only (default %(default)s)")
+    p.add_argument("--adam-eps", type=float, default=d.adam_eps, help="AdamW only (default %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="passed as given to either optimizer: SGD's L2 term, AdamW's decoupled decay (default %(default)s "
+                        "for both; torch's AdamW default would be 0.01)")
     p.add_argument("--smoothing", type=float, default=d.smoothing, help="importance smoothing gamma (docs/algorithm.md §2)")
     p.add_argument("--backend", default=d.backend, choices=["auto", "reference", "cpp", "cuda", "triton"])
     g = p.add_argument_group("keep-rate estimator (ModalSignificance, docs/algorithm.md §3)")
@@ -109,7 +117,8 @@ def _config_from(args: argparse.Namespace, **extra):
 
     return TrainConfig(
         dataset=args.dataset, data_seed=args.data_seed, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-        momentum=args.momentum, weight_decay=args.weight_decay, smoothing=args.smoothing, backend=args.backend,
+        optimizer=args.optimizer, momentum=args.momentum, adam_beta1=args.adam_betas[0], adam_beta2=args.adam_betas[1],
+        adam_eps=args.adam_eps, weight_decay=args.weight_decay, smoothing=args.smoothing, backend=args.backend,
         temperature=args.temperature, offset=args.offset, bias=args.bias, min_rate=args.min_rate,
         max_rate=args.max_rate, beta=args.beta, estimator_features=not args.no_estimator_features,
         rule=args.rule, power=args.power, release_at=args.release_at, release_beta=args.release_beta,
@@ -179,7 +188,7 @@ def _run_train(args: argparse.Namespace) -> int:
     result = train(config, progress=None if args.quiet else progress, checkpoint=args.checkpoint,
                    checkpoint_every=args.checkpoint_every or 1, resume=args.resume)
     t = result["test"]
-    print(f"{result['dataset']} {config.method} seed {config.seed} fold {config.fold}: best epoch {result['best_epoch']}, "
+    print(f"{result['dataset']} {config.method} ({config.optimizer}) seed {config.seed} fold {config.fold}: best epoch {result['best_epoch']}, "
           f"test accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f}, wall {result['wall_time_s']:.1f} s")
     for m in result["modalities"]:
         probe = t.get("probe_accuracy", {}).get(m)

@@ -166,6 +166,9 @@ def merge_comparisons(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for key in ("dataset", "modalities"):
             if part[key] != parts[0][key]:
                 raise ValueError(f"Invalid parts[{i}]: {key} {part[key]!r} differs from {parts[0][key]!r}; allowed: the same in every part")
+    optimizers = {run["config"].get("optimizer", "sgd") for part in parts for run in part["runs"]}
+    if len(optimizers) > 1:  # joint under one optimizer is no baseline for a method under the other
+        raise ValueError(f"Invalid parts: runs of optimizers {sorted(optimizers)}; allowed: one optimizer in a comparison")
     seen = set()
     runs = []
     for part in parts:
@@ -283,8 +286,10 @@ def format_table(comparison: dict[str, Any], markdown: bool = False, compact: bo
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     folds = comparison["folds"]
+    optimizers = sorted({run["config"].get("optimizer", "sgd") for run in comparison["runs"]})
     lines.append(
-        f"{comparison['dataset_name']}: test split at the epoch with the best validation accuracy; "
+        f"{comparison['dataset_name']}" + (f" ({'/'.join(optimizers)})" if optimizers != ["sgd"] else "")
+        + ": test split at the epoch with the best validation accuracy; "
         f"{len(comparison['seeds'])} seeds" + (f" x {len(folds)} folds" if len(folds) > 1 else "")
         + (f" x {len(comparison['data_seeds'])} data draws" if len(comparison.get("data_seeds", [0])) > 1 else "")
         + "; accuracies in %, mean ± std over runs; Δ = paired difference from joint ± standard error; "

@@ -5,7 +5,8 @@ e.g. ``"amss:channel"``, and ``"@softmax"`` or ``"@ratio"`` for the estimator's 
 e.g. ``"amss:channel@ratio"``; without it the rule is ``TrainConfig.rule``):
 
 ========== =========================================================================================
-joint      plain SGD (``MaskedMultiModalSGD`` with ``mask="none"``: bit-identical to torch.optim.SGD)
+joint      plain SGD (``MaskedMultiModalSGD`` with ``mask="none"``: bit-identical to torch.optim.SGD), or plain
+           AdamW under ``optimizer="adamw"`` (``MaskedMultiModalAdamW`` with ``mask="none"``: torch.optim.AdamW)
 ogm-ge     plain SGD with OGM-GE gradient modulation (docs/algorithm.md §6); ``ogm`` is the same without noise
 uniform    each modality's units kept uniformly at rate ``rho_m`` (biased)
 amss       importance-sampled masks, kept gradients unscaled (the paper's AMSS, biased)
@@ -16,6 +17,13 @@ amss+ref   the official code's sampler and weights: ``ceil(rho_m N)`` units draw
 relearn    plain SGD with Diagnosing & Re-learning (docs/algorithm.md §5) every ``relearn_every`` epochs;
            ``relearn+<masked mode>`` (e.g. ``relearn+amss:channel``) combines it with a mask
 ========== =========================================================================================
+
+``TrainConfig.optimizer`` picks the optimizer every method runs on: ``"sgd"`` (the default,
+:class:`~masked_optim.MaskedMultiModalSGD`) or ``"adamw"`` (:class:`~masked_optim.MaskedMultiModalAdamW`:
+the same modes, masks and rates, on the lazy AdamW step of docs/algorithm.md §2.8). Under AdamW,
+``momentum`` is not used and ``weight_decay`` is AdamW's decoupled decay, passed as given (the
+default stays 1e-4, not torch's AdamW default 1e-2; pass ``weight_decay=1e-2`` for that); the
+default learning rate is the dataset family's ``lr_adamw``.
 
 The keep rates of the masked methods come from :class:`~masked_optim.ModalSignificance` on the
 fusion head's slice logits every step. Every run of a given ``seed`` starts from the same weights
@@ -81,14 +89,17 @@ METHODS: dict[str, _Method] = {
 # Diagnosing & Re-learning combines with every masked mode: "relearn+amss", "relearn+amss:channel", ...
 RELEARN_PREFIX = "relearn+"
 RULES = ("softmax", "ratio")  # ModalSignificance's rate rules, selectable per method with "@rule"
+OPTIMIZERS = ("sgd", "adamw")  # TrainConfig.optimizer: MaskedMultiModalSGD or MaskedMultiModalAdamW
 
 # Per dataset family: epochs, learning rate and batch size. Synthetic: docs/algorithm.md §8. mfeat and watch:
 # the learning rate is the one joint training does best with on the validation split (docs/results.md,
-# "Results on real and synthetic data"), reused for every method.
+# "Results on real and synthetic data"), reused for every method. ``lr_adamw``: the same choice for joint
+# training under AdamW (optimizer="adamw"), swept on validation (benchmarks/results/adamw_study/lr_sweep_adamw.json;
+# docs/results.md, "The AdamW study"): synthetic the best mean over xor and parity3, one lr for the family.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "synthetic": {"epochs": 50, "lr": 0.01, "batch_size": 64},
-    "mfeat": {"epochs": 80, "lr": 0.01, "batch_size": 64},
-    "watch": {"epochs": 40, "lr": 0.01, "batch_size": 32},
+    "synthetic": {"epochs": 50, "lr": 0.01, "lr_adamw": 3e-3, "batch_size": 64},
+    "mfeat": {"epochs": 80, "lr": 0.01, "lr_adamw": 1e-3, "batch_size": 64},
+    "watch": {"epochs": 40, "lr": 0.01, "lr_adamw": 1e-3, "batch_size": 32},
 }
 
 
@@ -144,7 +155,9 @@ class TrainConfig:
     features so the rate uses the feature entropy (docs/algorithm.md §3). ``ogm_*`` are OGM-GE's ``alpha``,
     ``start``, ``end`` (epochs). ``relearn_*`` are :class:`~masked_optim.experiments.DiagnoseRelearn`'s
     ``lam``, ``every``, ``times``, ``reset_buffers`` and ``reset_optimizer_state``. ``data_seed`` draws the synthetic data; real datasets have fixed
-    splits (docs/algorithm.md §7).
+    splits (docs/algorithm.md §7). ``optimizer`` is ``"sgd"`` or ``"adamw"`` (see the module docstring); ``momentum``
+    is SGD's, ``adam_beta1``, ``adam_beta2`` and ``adam_eps`` are AdamW's ``betas`` and ``eps`` (each ignored by the
+    other optimizer); ``weight_decay`` goes to either as given (SGD: L2 added to the gradient; AdamW: decoupled).
     """
 
     dataset: str = "mfeat:fac+zer"
@@ -155,7 +168,11 @@ class TrainConfig:
     epochs: Optional[int] = None
     lr: Optional[float] = None
     batch_size: Optional[int] = None
+    optimizer: str = "sgd"
     momentum: float = 0.9
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
     weight_decay: float = 1e-4
     smoothing: float = 0.5
     backend: str = "auto"
@@ -183,12 +200,14 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """A copy with the dataset defaults filled in and every field validated."""
         parse_method(self.method)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"Invalid optimizer: {self.optimizer!r}; allowed: one of {list(OPTIMIZERS)}")
         family = self.dataset.partition(":")[0]
         defaults = DATASET_DEFAULTS.get(family, DATASET_DEFAULTS["synthetic"])
         out = copy.copy(self)
         for key in ("epochs", "lr", "batch_size"):
             if getattr(out, key) is None:
-                setattr(out, key, defaults[key])
+                setattr(out, key, defaults["lr_adamw" if key == "lr" and out.optimizer == "adamw" else key])
         for key in ("epochs", "batch_size"):
             value = getattr(out, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -217,12 +236,18 @@ def _build(config: TrainConfig, data: MultimodalSplits):
     method = method_spec(name)
     torch.manual_seed(config.seed)
     model = build_model(data.shapes, data.num_classes)
-    optimizer = MaskedMultiModalSGD(
-        modality_param_groups(model.encoders, shared=model.head),
-        lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-        mask=method.mask, granularity=granularity, sampler=method.sampler, smoothing=config.smoothing,
-        seed=config.seed, backend=config.backend if method.sampler == "poisson" else "reference",
+    groups = modality_param_groups(model.encoders, shared=model.head)
+    common = dict(
+        lr=config.lr, weight_decay=config.weight_decay, mask=method.mask, granularity=granularity,
+        sampler=method.sampler, smoothing=config.smoothing, seed=config.seed,
+        backend=config.backend if method.sampler == "poisson" else "reference",
     )
+    if config.optimizer == "adamw":
+        from ..adamw import MaskedMultiModalAdamW
+
+        optimizer = MaskedMultiModalAdamW(groups, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps, **common)
+    else:
+        optimizer = MaskedMultiModalSGD(groups, momentum=config.momentum, **common)
     estimator = None
     if method.mask != "none":
         estimator = ModalSignificance(
@@ -355,6 +380,8 @@ def _check_resumable(state: Mapping[str, Any], config: TrainConfig, path: str) -
         pass  # reported below as a differing field
     if "release_at" not in saved and "rule" in saved:  # written before release existed: it never released
         saved["release_at"], saved["release_beta"] = math.inf, 0.9
+    if "optimizer" not in saved and "momentum" in saved:  # written before the optimizer was selectable: SGD
+        saved.update(optimizer="sgd", adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8)
     diffs = []
     for key in [*current, *(k for k in saved if k not in current)]:
         if key in RESUME_MAY_CHANGE:
