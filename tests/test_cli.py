@@ -85,7 +85,7 @@ def test_package_works_without_the_extension():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["reference", "100"]
-    assert out.stderr.count("no fused backend for cpu tensors") == 1  # the fallback warns once
+    assert out.stderr.count("no fused sgd backend for cpu tensors") == 1  # the fallback warns once
 
 
 def test_bench_writes_json_with_machine_and_results(tmp_path, capsys):
