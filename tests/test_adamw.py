@@ -83,16 +83,19 @@ def test_masking_off_is_torch_adamw_bit_for_bit(dtype, amsgrad, maximize, how, f
 # ----------------------------------------------------------------------------- scale: AdamW with lr * rho
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_scale_is_adamw_with_lr_times_rate(dtype, amsgrad):
+@pytest.mark.parametrize("impl", ["for-loop", "fused"])
+def test_scale_is_adamw_with_lr_times_rate(dtype, amsgrad, impl):
     """Each modality's whole step, Adam update and decoupled weight decay, times its rate; the rates
-    change between steps (set_rates and step(rates=))."""
+    change between steps (set_rates and step(rates=)); with fused=True, against torch's fused AdamW."""
     enc, head = _model(dtype)
     enc2, head2 = copy.deepcopy(enc), copy.deepcopy(head)
     kw = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, amsgrad=amsgrad)
+    flags = dict(fused=True) if impl == "fused" else dict(foreach=False)
     lr = 0.02
-    opt = MaskedMultiModalAdamW(modality_param_groups({"a": enc["a"], "b": enc["b"]}, shared=head), lr=lr, mask="scale", **kw)
+    opt = MaskedMultiModalAdamW(modality_param_groups({"a": enc["a"], "b": enc["b"]}, shared=head), lr=lr, mask="scale",
+                                **kw, **(flags if impl == "fused" else {}))
     ref = torch.optim.AdamW([{"params": enc2["a"].parameters()}, {"params": enc2["b"].parameters()},
-                             {"params": head2.parameters()}], lr=lr, foreach=False, **kw)
+                             {"params": head2.parameters()}], lr=lr, **flags, **kw)
     for step, (ra, rb) in enumerate([(0.5, 0.25), (0.3, 1.0), (0.9, 0.6), (0.1, 0.7)]):
         for e, h, o in ((enc, head, opt), (enc2, head2, ref)):
             o.zero_grad()

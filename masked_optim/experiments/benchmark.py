@@ -9,7 +9,7 @@ What is timed, per size (a realistic mix of fp32 tensors, momentum 0.9, one moda
 * ``MaskedMultiModalSGD`` on each fused backend that runs on ``--device`` (and the pure-PyTorch
   reference with ``--reference``), for every mode: ``scale`` (no granularity), and ``uniform``,
   ``amss``, ``amss+`` at element and channel granularity;
-* with ``--optimizer adamw``: ``torch.optim.AdamW`` (foreach, the baseline, and for-loop) against
+* with ``--optimizer adamw``: ``torch.optim.AdamW`` (foreach, the baseline, for-loop and fused) against
   ``MaskedMultiModalAdamW`` in the same modes (default hyperparameters, no momentum option);
 * the split of each masked step: **stage 1**, everything before the first parameter is written
   (routing, per-tensor scalars and water-filling, the non-finite check and its verdict), timed on
@@ -183,6 +183,8 @@ def providers(params, grid, rate: float, device: torch.device, backends: list[st
         (loop, {"kind": "sgd"}, torch_cls(params, foreach=False, **kw)),
         (SUMSQ, {"kind": "sumsq"}, SumOfSquares(params)),
     ]
+    if optimizer == "adamw":  # torch's fused AdamW kernel (one pass, CPU and CUDA): the fastest torch step
+        out.insert(2, ("torch.optim.AdamW(fused)", {"kind": "sgd"}, torch_cls(params, fused=True, **kw)))
     for mode, gran in grid:
         for backend in backends + (["reference"] if reference else []):
             opt = masked_cls([{"params": params, "modality": "m"}], mask=mode, granularity=gran, backend=backend, **kw)
