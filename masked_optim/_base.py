@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
@@ -94,6 +95,37 @@ def _check_number(name: str, value: Any, *, low: float = -math.inf, high: float 
     if not math.isfinite(value) or too_low or value > high:
         raise ValueError(f"Invalid {name}: {value!r}; allowed: {allowed}")
     return value
+
+
+def _check_lr(name: str, value: Any) -> None:
+    """``lr``: a number >= 0, or a 1-element tensor holding one (as torch.optim, for schedulers that
+    update it in place and for torch.compile, which would otherwise recompile on every change)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"Invalid {name}: a tensor of shape {tuple(value.shape)}; allowed: a number >= 0 or a "
+                "1-element tensor (Tensor lr must be 1-element)"
+            )
+        if value.requires_grad:
+            raise ValueError(f"Invalid {name}: a tensor that requires grad; allowed: a number >= 0 or a 1-element "
+                             "tensor without grad (differentiable optimizers are not supported)")
+        value = value.item()
+    _check_number(name, value, low=0.0, allowed="a number >= 0 or a 1-element tensor")
+
+
+def _check_impl_flags(group: Mapping[str, Any], where: str) -> None:
+    """torch's ``foreach`` / ``fused`` (None or a bool, not both True) and ``differentiable`` (False only:
+    the masked steps run under ``torch.no_grad`` and their masks have no gradient)."""
+    for flag in ("foreach", "fused"):
+        if group[flag] is not None and not isinstance(group[flag], bool):
+            raise TypeError(f"Invalid {where}{flag}: {group[flag]!r}; allowed: None, True or False")
+    if group["foreach"] and group["fused"]:
+        raise ValueError(f"Invalid {where}foreach=True with fused=True; allowed: at most one of them True (as torch.optim)")
+    if group["differentiable"] is not False:
+        raise ValueError(
+            f"Invalid {where}differentiable: {group['differentiable']!r}; allowed: False (the masked steps run under "
+            "torch.no_grad and their masks have no gradient; use the torch.optim class for a differentiable step)"
+        )
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -247,29 +279,45 @@ class MaskedOptimizer(Optimizer):
             params = list(params)
         param_group["params"] = params
         group_index = len(self.param_groups)
+        # Named parameters, (name, tensor), are passed on to torch, which splits them; checked here by tensor.
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 and isinstance(p[1], Tensor) else p for p in params]
+        names = [p[0] if isinstance(p, tuple) and len(p) == 2 else None for p in params]
         seen: dict[int, int] = {}
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 seen[id(p)] = gi
-        for p in params:
+        in_group: set[int] = set()
+        for p, name in zip(tensors, names):
             if not isinstance(p, Tensor):
                 continue  # torch's own check names the type
-            if id(p) in seen:
-                where = "this group" if seen[id(p)] == group_index else f"param group {seen[id(p)]}"
-                raise ValueError(
-                    f"Invalid params of param group {group_index}: a parameter of shape {tuple(p.shape)} "
-                    f"is already in {where}; allowed: each parameter in exactly one group, once"
+            what = f"parameter {name!r}" if name is not None else f"a parameter of shape {tuple(p.shape)}"
+            if id(p) in in_group:  # torch.optim warns (and the step updates it twice), so do we
+                warnings.warn(
+                    f"param group {group_index} holds {what} twice: optimizer contains a parameter group with "
+                    "duplicate parameters, which each step updates twice; pass each parameter once",
+                    UserWarning,
+                    stacklevel=3,
                 )
-            seen[id(p)] = group_index
+            elif id(p) in seen:
+                raise ValueError(
+                    f"Invalid params of param group {group_index}: some parameters appear in more than one "
+                    f"parameter group ({what} is already in param group {seen[id(p)]}); allowed: each parameter in "
+                    "exactly one group"
+                )
+            in_group.add(id(p))
             if p.is_complex():
                 raise ValueError(
-                    f"Invalid params of param group {group_index}: a parameter of dtype {p.dtype}; "
-                    "allowed: real floating-point parameters"
+                    f"Invalid params of param group {group_index}: {what} of dtype {p.dtype}; allowed: real "
+                    "floating-point parameters (complex ones are not supported: pass torch.view_as_real(p) as its "
+                    "own parameter, or use torch.optim)"
                 )
+        for p in tensors:
+            if isinstance(p, Tensor):
+                seen[id(p)] = group_index
         for name, default in self.defaults.items():
             param_group.setdefault(name, default)
         self._validate_group(param_group, where=f"param group {group_index}: ")
-        if any(_is_dtensor(p) for p in params):
+        if any(_is_dtensor(p) for p in tensors):
             if param_group["backend"] not in SHARDED_BACKENDS:
                 raise BackendUnavailable(
                     f"backend {param_group['backend']!r} cannot update sharded (DTensor, FSDP) parameters of "
@@ -281,7 +329,7 @@ class MaskedOptimizer(Optimizer):
                     f"Invalid sampler='multinomial' for the sharded (DTensor, FSDP) parameters of param group "
                     f"{group_index}; allowed: 'poisson' (the multinomial sampler needs a global top-k)"
                 )
-        for device in {p.device for p in params if isinstance(p, Tensor)}:
+        for device in {p.device for p in tensors if isinstance(p, Tensor)}:
             # An explicit backend that cannot run on these tensors fails here, with the reason.
             resolve_backend(param_group["backend"], device, _sampler(param_group), op=self.kind)
         super().add_param_group(param_group)

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import torch
 from torch import Tensor
 
-from ._base import MaskedOptimizer, _check_number, _local
+from ._base import MaskedOptimizer, _check_impl_flags, _check_lr, _check_number, _local
 from .backends.dispatch import AdamState, GroupTensors, masked_adamw_step
 
 __all__ = ["MaskedMultiModalAdamW"]
@@ -64,6 +64,7 @@ class MaskedMultiModalAdamW(MaskedOptimizer):
         mask, granularity, smoothing, sampler, unbiased, seed, backend, nonfinite: as
             :class:`~masked_optim.MaskedMultiModalSGD`. The fused kernels run the masked modes;
             ``scale`` and unmasked tensors run torch's AdamW.
+        differentiable: False only (the masked steps run under ``torch.no_grad``).
         foreach, fused: passed to :func:`torch.optim.adamw.adamw` for the tensors that run torch's
             AdamW (unmasked, and ``scale``), with torch's meaning and default (None: torch picks;
             on CPU tensors, the for-loop). The multi-tensor step gives the for-loop's results bit
@@ -98,6 +99,7 @@ class MaskedMultiModalAdamW(MaskedOptimizer):
         nonfinite: str = "raise",
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        differentiable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -115,6 +117,7 @@ class MaskedMultiModalAdamW(MaskedOptimizer):
             backend=backend,
             foreach=foreach,
             fused=fused,
+            differentiable=differentiable,
         )
         super().__init__(params, defaults, nonfinite)
 
@@ -122,7 +125,7 @@ class MaskedMultiModalAdamW(MaskedOptimizer):
     @classmethod
     def _validate_hyper(cls, group: Mapping[str, Any], where: str) -> None:
         p = where
-        _check_number(f"{p}lr", group["lr"], low=0.0, allowed="a number >= 0")
+        _check_lr(f"{p}lr", group["lr"])
         _check_number(f"{p}eps", group["eps"], low=0.0, allowed="a number >= 0")
         _check_number(f"{p}weight_decay", group["weight_decay"], low=0.0, allowed="a number >= 0")
         betas = group["betas"]
@@ -134,11 +137,7 @@ class MaskedMultiModalAdamW(MaskedOptimizer):
                 raise ValueError(f"Invalid {p}betas[{i}]: {beta!r}; allowed: a number in [0, 1)")
         if not isinstance(group["amsgrad"], bool):
             raise TypeError(f"Invalid {p}amsgrad: {group['amsgrad']!r}; allowed: True or False")
-        for flag in ("foreach", "fused"):
-            if group[flag] is not None and not isinstance(group[flag], bool):
-                raise TypeError(f"Invalid {p}{flag}: {group[flag]!r}; allowed: None, True or False")
-        if group["foreach"] and group["fused"]:
-            raise ValueError(f"Invalid {p}foreach=True with fused=True; allowed: at most one of them True (as torch.optim.AdamW)")
+        _check_impl_flags(group, p)
 
     def _check_state_entry(self, entry: Mapping[str, Any], p: Tensor, where: str) -> None:
         shape = tuple(p.shape)  # global shapes for DTensors

@@ -452,6 +452,8 @@ def masked_sgd(
     unbiased: Optional[bool] = None,
     max_iter: int = WATERFILL_MAX_ITER,
     shards: Optional[list[Optional[ShardSpec]]] = None,
+    foreach: Optional[bool] = None,
+    fused: Optional[bool] = None,
 ) -> list[Union[Tensor, int]]:
     """Functional masked SGD over a list of tensors that share one modality and one rate.
 
@@ -460,8 +462,16 @@ def masked_sgd(
     ``keys[i]`` is the Philox key of ``params[i]`` for this step. Returns, per tensor, the number
     of units kept (see :func:`masked_gradient`: device tensors, read lazily, or python ints).
     ``shards[i]``, when given and not None, says that ``params[i]`` is a local shard
-    (:class:`ShardSpec`).
+    (:class:`ShardSpec`). With nothing to mask (``mask="none"`` or ``rate >= 1``), ``foreach=True``
+    or ``fused=True`` runs ``torch.optim.SGD``'s multi-tensor or fused step instead of the
+    single-tensor one (as ``torch.optim.sgd.sgd``); otherwise they are ignored.
     """
+    if (foreach or fused) and (mask == "none" or rate >= 1.0):
+        from torch.optim.sgd import sgd  # noqa: PLC0415
+
+        sgd(params, [g for g in grads], momentum_buffer_list, foreach=foreach, fused=fused, weight_decay=weight_decay,
+            momentum=momentum, lr=lr, dampening=dampening, nesterov=bool(nesterov), maximize=maximize)
+        return [_num_units(p.shape, granularity) for p in params]
     if shards is not None and len(shards) != len(params):
         raise ValueError(f"masked_sgd: shards must have one entry per param, got {len(shards)} for {len(params)}")
     if not (len(params) == len(grads) == len(momentum_buffer_list) == len(keys)):
@@ -567,6 +577,7 @@ def masked_adamw(
         _adamw_dense(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                      lr=lr * rate if mask == "scale" and rate < 1.0 else lr, foreach=foreach, fused=fused, **hyper)
         return [_num_units(p.shape, granularity) for p in params]
+    lr = float(lr)  # a tensor lr: the masked step's scalars are python numbers
     kept_counts: list[Union[Tensor, int]] = []
     for i, param in enumerate(params):
         shard = None if shards is None else shards[i]

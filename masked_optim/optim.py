@@ -13,8 +13,11 @@ from ._base import (
     MaskedOptimizer,
     ModalityStats,
     StepStats,
+    _check_impl_flags,
+    _check_lr,
     _check_number,
     _is_dtensor,
+    _is_number,
     _local,
 )
 from .backends.dispatch import GroupTensors, masked_sgd_step
@@ -94,6 +97,11 @@ class MaskedMultiModalSGD(MaskedOptimizer):
             nothing is updated), ``"skip"`` (nothing is updated; :meth:`last_step_stats` reports
             it and ``skipped_steps`` counts it) or ``"ignore"`` (update anyway, like
             ``torch.optim.SGD``, saving one host synchronisation per step).
+        foreach, fused: as :class:`torch.optim.SGD`'s, for the tensors with nothing to mask (which run
+            torch's SGD): ``True`` picks torch's multi-tensor or fused step for them (None: the
+            single-tensor step, exactly ``torch.optim.SGD``'s for-loop). Masked tensors always run
+            ``backend``'s kernel. Both True is an error.
+        differentiable: False only (the masked steps run under ``torch.no_grad``).
 
     Example:
         >>> opt = MaskedMultiModalSGD(modality_param_groups({"audio": a, "video": v}, shared=[head]),
@@ -123,6 +131,9 @@ class MaskedMultiModalSGD(MaskedOptimizer):
         seed: int = 0,
         backend: str = "auto",
         nonfinite: str = "raise",
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        differentiable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -138,6 +149,9 @@ class MaskedMultiModalSGD(MaskedOptimizer):
             unbiased=unbiased,
             seed=seed,
             backend=backend,
+            foreach=foreach,
+            fused=fused,
+            differentiable=differentiable,
         )
         super().__init__(params, defaults, nonfinite)
 
@@ -145,12 +159,15 @@ class MaskedMultiModalSGD(MaskedOptimizer):
     @classmethod
     def _validate_hyper(cls, group: Mapping[str, Any], where: str) -> None:
         p = where
-        _check_number(f"{p}lr", group["lr"], low=0.0, allowed="a number >= 0")
-        _check_number(f"{p}momentum", group["momentum"], low=0.0, allowed="a number >= 0")
-        _check_number(f"{p}dampening", group["dampening"], allowed="a finite number")
+        _check_lr(f"{p}lr", group["lr"])
+        # "momentum value", as torch.optim.SGD words it (its own error tests match that phrase)
+        _check_number(f"{p}momentum value", group["momentum"], low=0.0, allowed="a number >= 0")
+        if not _is_number(group["dampening"]):  # any number, as torch.optim.SGD (NaN included)
+            raise TypeError(f"Invalid {p}dampening: {group['dampening']!r} (type {type(group['dampening']).__name__}); allowed: a number")
         _check_number(f"{p}weight_decay", group["weight_decay"], low=0.0, allowed="a number >= 0")
-        if not isinstance(group["nesterov"], bool):
-            raise TypeError(f"Invalid {p}nesterov: {group['nesterov']!r}; allowed: True or False")
+        if not isinstance(group["nesterov"], (bool, int)):  # torch.optim.SGD takes any truth value; an int too
+            raise TypeError(f"Invalid {p}nesterov: {group['nesterov']!r}; allowed: True or False (or an int)")
+        _check_impl_flags(group, p)
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(
                 f"Invalid {p}nesterov=True with momentum={group['momentum']!r} and "

@@ -50,7 +50,7 @@ def _p():
     [
         (dict(lr=-0.1), ValueError, r"Invalid lr: -0\.1; allowed: a number >= 0"),
         (dict(lr="0.1"), TypeError, r"Invalid lr: '0\.1' \(type str\); allowed: a number >= 0"),
-        (dict(momentum=-0.5), ValueError, r"Invalid momentum: -0\.5; allowed: a number >= 0"),
+        (dict(momentum=-0.5), ValueError, r"Invalid momentum value: -0\.5; allowed: a number >= 0"),
         (dict(weight_decay=-1e-4), ValueError, r"Invalid weight_decay: -0\.0001; allowed: a number >= 0"),
         (dict(lr=float("nan")), ValueError, r"Invalid lr: nan; allowed"),
         (dict(nesterov=True), ValueError, r"nesterov=True with momentum=0\.0 and dampening=0\.0; allowed: nesterov requires momentum > 0"),
@@ -93,11 +93,15 @@ def test_group_overrides_are_validated_and_nothing_is_added(override, exc, patte
     assert len(opt.param_groups) == 1
 
 
-def test_parameter_in_two_groups_is_rejected():
+def test_parameter_in_two_groups_is_rejected_and_twice_in_one_warns():
+    """As torch.optim: a parameter in two groups is an error, twice in one group a warning (and the
+    step updates it twice); the messages name the group(s) and the parameter."""
     p = torch.zeros(2, 3, requires_grad=True)
-    with pytest.raises(ValueError, match=r"params of param group 1: a parameter of shape \(2, 3\) is already in param group 0; allowed: each parameter in exactly one group"):
+    with pytest.raises(ValueError, match=r"params of param group 1: some parameters appear in more than one parameter group "
+                                         r"\(a parameter of shape \(2, 3\) is already in param group 0\); allowed: each parameter in exactly one group"):
         MaskedMultiModalSGD([{"params": [p], "modality": "a"}, {"params": [p], "modality": "b"}])
-    with pytest.raises(ValueError, match=r"is already in this group"):
+    with pytest.warns(UserWarning, match=r"param group 0 holds a parameter of shape \(2, 3\) twice: optimizer contains a "
+                                         r"parameter group with duplicate parameters"):
         MaskedMultiModalSGD([{"params": [p, p], "modality": "a"}])
 
 

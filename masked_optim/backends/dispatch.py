@@ -200,6 +200,8 @@ class ReferenceBackend(Backend):
             unbiased=o["unbiased"],
             max_iter=WATERFILL_MAX_ITER,
             shards=shards if any(s is not None for s in shards) else None,
+            foreach=o.get("foreach"),
+            fused=o.get("fused"),
         )
 
     def run_adamw(self, batch, idx):
@@ -269,7 +271,7 @@ class FusedBackend(Backend):
             kept, _ = kernel(
                 pc, g.contiguous(), buf, scores, scalars, batch.keys[i], float(batch.rate), float(o["smoothing"]),
                 WATERFILL_MAX_ITER, int(batch.mode), o["granularity"] == "channel", float(o["lr"]), float(momentum),
-                float(o["dampening"]), float(o["weight_decay"]), o["nesterov"], o["maximize"], first,
+                float(o["dampening"]), float(o["weight_decay"]), bool(o["nesterov"]), o["maximize"], first,
             )
             if pc is not p:
                 p.copy_(pc)

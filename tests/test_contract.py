@@ -1,0 +1,297 @@
+"""PyTorch's optimizer contract, driven by its own ``OptimizerInfo`` for SGD.
+
+Our port of the ``TestOptimRenewed`` tests of PyTorch's ``test/test_optim.py`` that apply to a CPU
+SGD (errors, going the right direction with and without LR schedulers, tensor LR, param groups,
+state_dict determinism and backward compatibility, deepcopy, weights-only save/load, hooks,
+foreach/fused against the for-loop, params without grads), over the inputs of
+``torch.testing._internal.common_optimizers`` (``optim_inputs_func_sgd``,
+``optim_error_inputs_func_sgd``). Each runs for ``torch.optim.SGD`` (the control) and
+``MaskedMultiModalSGD`` in four variants: no modality, modality groups at rate 1, ``amss+`` at rate
+0.5 and ``scale`` at rate 0.5. The deliberate differences are tested at the end, each with its
+message (the list is in docs/guide.md, "Differences from torch.optim.SGD").
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch.nn import Parameter
+
+from masked_optim import MaskedMultiModalAdamW, MaskedMultiModalSGD
+
+co = pytest.importorskip("torch.testing._internal.common_optimizers", reason="needs expecttest (the [test] extra)")
+
+SGD_INFO = next(info for info in co.optim_db if info.optim_cls is torch.optim.SGD)
+CPU = torch.device("cpu")
+
+
+def _modality_groups(params):
+    """A list of tensors (or named tensors) becomes one group of modality 'a'; each dict of a list of
+    dicts gets modality 'm<i>'. Anything else (a bad input) is passed on unchanged."""
+    if isinstance(params, (list, tuple)) and params and all(isinstance(p, dict) for p in params):
+        return [dict(g, modality=f"m{i}") for i, g in enumerate(params)]
+    if isinstance(params, (list, tuple)) and params and not any(isinstance(p, dict) for p in params):
+        return [{"params": list(params), "modality": "a"}]
+    return params
+
+
+def _masked(mask, rate):
+    def build(params, **kwargs):
+        opt = MaskedMultiModalSGD(_modality_groups(params), mask=mask, seed=5, **kwargs)
+        opt.set_rates({m: rate for m in opt.modalities})
+        return opt
+
+    return build
+
+
+VARIANTS = {
+    "torch.optim.SGD": torch.optim.SGD,
+    "masked-no-modality": MaskedMultiModalSGD,
+    "modalities-rate-1": _masked("amss+", 1.0),
+    "amss+-rate-0.5": _masked("amss+", 0.5),
+    "scale-rate-0.5": _masked("scale", 0.5),
+}
+variants = pytest.mark.parametrize("variant", list(VARIANTS))
+
+
+def _inputs():
+    return SGD_INFO.optim_inputs_func(device=CPU)
+
+
+def _weight_bias(contiguous=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    if contiguous:
+        return Parameter(torch.randn(10, 5, generator=gen)), Parameter(torch.randn(10, generator=gen))
+    return (Parameter(torch.randn(10, 5, 2, generator=gen)[..., 0]), Parameter(torch.randn(10, 2, generator=gen)[..., 0]))
+
+
+def _closure(opt, w, b, x):
+    def closure():
+        opt.zero_grad()
+        loss = (w.mv(x) + b).pow(2).sum()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+@variants
+def test_errors(variant):
+    build = VARIANTS[variant]
+    for error_input in SGD_INFO.optim_error_inputs_func(device=CPU, dtype=torch.float32):
+        inp = error_input.optimizer_error_input
+        assert error_input.error_on == co.OptimizerErrorEnum.CONSTRUCTION_ERROR, inp.desc
+        params = inp.params if inp.params is not None else [Parameter(torch.randn(2, 2))]
+        if issubclass(error_input.error_type, Warning):
+            with pytest.warns(error_input.error_type, match=error_input.error_regex):
+                build(params, **inp.kwargs)
+        else:
+            with pytest.raises(error_input.error_type, match=error_input.error_regex):
+                build(params, **inp.kwargs)
+
+
+@variants
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("with_lrsched", [True, False])
+def test_forloop_goes_right_direction(variant, contiguous, with_lrsched):
+    build = VARIANTS[variant]
+    for schedulers_c in (SGD_INFO.scheduler_inputs if with_lrsched else [[]]):
+        for inp in _inputs():  # fresh inputs per scheduler: a tensor lr is mutated in place
+            w, b = _weight_bias(contiguous)
+            x = torch.randn(5, generator=torch.Generator().manual_seed(1))
+            opt = build([w, b], **dict(inp.kwargs, foreach=False))
+            scheds = [s(opt) for s in schedulers_c]
+            closure = _closure(opt, w, b, x)
+            initial = closure().item()
+            for _ in range(20):
+                loss = closure()
+                opt.step()
+                for s in scheds:
+                    s.step(loss) if isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau) else s.step()
+            if inp.kwargs.get("maximize", False):
+                assert closure().item() > initial, inp.desc
+            else:
+                assert closure().item() < initial, inp.desc
+
+
+@variants
+def test_param_group_with_lrscheduler_goes_right_direction(variant):
+    build = VARIANTS[variant]
+    for schedulers_c in SGD_INFO.scheduler_inputs:
+        w, b = _weight_bias()
+        x = torch.randn(5, generator=torch.Generator().manual_seed(1))
+        opt = build([{"params": [w]}, {"params": [b], "lr": 0.01}])
+        scheds = [s(opt) for s in schedulers_c]
+        closure = _closure(opt, w, b, x)
+        initial = closure().item()
+        for _ in range(20):
+            loss = opt.step(closure)
+            for s in scheds:
+                s.step(loss) if isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau) else s.step()
+        assert closure().item() < initial
+
+
+@variants
+def test_tensor_lr_is_the_number_lr(variant):
+    build = VARIANTS[variant]
+    for inp in _inputs():
+        kwargs = {k: v for k, v in inp.kwargs.items() if k != "lr"}
+        results = []
+        for lr in (1e-3, torch.tensor(1e-3)):
+            w, b = _weight_bias()
+            x = torch.randn(5, generator=torch.Generator().manual_seed(1))
+            opt = build([w, b], lr=lr, **kwargs)
+            for _ in range(5):
+                opt.step(_closure(opt, w, b, x))
+            results.append((w.detach(), b.detach()))
+        assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]), inp.desc
+
+
+def _primed(build, kwargs, steps=3, seed=0):
+    w, b = _weight_bias(seed=seed)
+    x = torch.randn(5, generator=torch.Generator().manual_seed(1))
+    opt = build([w, b], **kwargs)
+    for _ in range(steps):
+        opt.step(_closure(opt, w, b, x))
+    return opt, w, b, x
+
+
+@variants
+def test_state_dict_deterministic(variant):
+    """A copy loaded from the state dict steps exactly as the original, and both (and a deepcopy) give
+    equal state dicts, key for key."""
+    build = VARIANTS[variant]
+    for inp in _inputs():
+        opt, w, b, x = _primed(build, inp.kwargs)
+        w2, b2 = Parameter(w.detach().clone()), Parameter(b.detach().clone())
+        opt2 = build([w2, b2], **inp.kwargs)
+        saved = copy.deepcopy(opt.state_dict())
+        opt2.load_state_dict(copy.deepcopy(saved))
+        for _ in range(3):
+            opt.step(_closure(opt, w, b, x))
+            opt2.step(_closure(opt2, w2, b2, x))
+            assert torch.equal(w, w2) and torch.equal(b, b2), inp.desc
+        sd, sd2, sd3 = opt.state_dict(), opt2.state_dict(), copy.deepcopy(opt).state_dict()
+        for other in (sd2, sd3):
+            assert other["param_groups"] == sd["param_groups"], inp.desc
+            assert other["state"].keys() == sd["state"].keys()
+            for k in sd["state"]:
+                assert other["state"][k].keys() == sd["state"][k].keys()
+
+
+@variants
+def test_deepcopy_copies_all_public_attrs(variant):
+    opt, *_ = _primed(VARIANTS[variant], {"momentum": 0.9})
+    public = lambda o: {k for k in o.__dict__ if not k.startswith("_")}  # noqa: E731
+    assert public(copy.deepcopy(opt)) == public(opt)
+
+
+@variants
+def test_can_load_older_state_dict(variant):
+    """Groups without the newer flags (as checkpoints written before they existed) load and step."""
+    build = VARIANTS[variant]
+    for inp in _inputs():
+        opt, w, b, x = _primed(build, inp.kwargs)
+        sd = copy.deepcopy(opt.state_dict())
+        for group in sd["param_groups"]:
+            for key in ("foreach", "fused", "differentiable", "maximize"):
+                group.pop(key, None)
+        opt2 = build([w, b], **inp.kwargs)
+        opt2.load_state_dict(sd)
+        opt2.step(_closure(opt2, w, b, x))
+
+
+@variants
+def test_save_load_equality_with_weights_only(variant):
+    for inp in _inputs():
+        opt, w, b, x = _primed(VARIANTS[variant], inp.kwargs)
+        buf = io.BytesIO()
+        torch.save(opt.state_dict(), buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=True)
+        opt2 = VARIANTS[variant]([Parameter(w.detach().clone()), Parameter(b.detach().clone())], **inp.kwargs)
+        opt2.load_state_dict(loaded)
+        assert opt2.state_dict()["param_groups"] == opt.state_dict()["param_groups"], inp.desc
+
+
+@variants
+def test_step_is_noop_when_params_have_no_grad(variant):
+    for inp in _inputs():
+        w, b = _weight_bias()
+        before = (w.detach().clone(), b.detach().clone())
+        opt = VARIANTS[variant]([w, b], **inp.kwargs)
+        opt.step()
+        assert torch.equal(w, before[0]) and torch.equal(b, before[1]), inp.desc
+
+
+@variants
+def test_optimizer_can_be_printed(variant):
+    opt, *_ = _primed(VARIANTS[variant], {})
+    assert type(opt).__name__ in repr(opt)
+
+
+@variants
+def test_step_hooks_fire_in_order(variant):
+    opt, w, b, x = _primed(VARIANTS[variant], {}, steps=0)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    opt.step(_closure(opt, w, b, x))
+    assert calls == ["pre", "post"]
+
+
+@variants
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_impl_matches_forloop(variant, impl):
+    """``foreach=True`` / ``fused=True`` against the for-loop (the masked variants' masked tensors run
+    their kernel either way; their dense tensors run torch's implementation)."""
+    for inp in _inputs():
+        results = []
+        for flag in (False, True):
+            opt, w, b, x = _primed(VARIANTS[variant], dict(inp.kwargs, **{impl: flag}), steps=5)
+            results.append((w.detach(), b.detach()))
+        for a, c in zip(*results):
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)  # the float32 row of tests/tolerances.py
+
+
+# ----------------------------------------------------------------------------- deliberate differences
+MASKED = [MaskedMultiModalSGD, MaskedMultiModalAdamW]
+
+
+@pytest.mark.parametrize("cls", MASKED)
+@pytest.mark.parametrize("named", [False, True])
+def test_difference_complex_parameters_are_refused(cls, named):
+    p = Parameter(torch.randn(3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"of dtype torch.complex64; allowed: real floating-point parameters \(complex ones "
+                                         r"are not supported: pass torch.view_as_real\(p\)"):
+        cls([("w", p)] if named else [p])
+
+
+@pytest.mark.parametrize("cls", MASKED)
+def test_difference_sparse_gradients_are_refused(cls):
+    p = Parameter(torch.randn(4, 3))
+    opt = cls([p])
+    p.grad = torch.randn(4, 3).to_sparse()
+    with pytest.raises(ValueError, match=r"layout torch.sparse_coo; allowed: dense \(torch.strided\) gradients \(use "
+                                         r"nn.Embedding\(sparse=False\) or torch.optim.SparseAdam\)"):
+        opt.step()
+
+
+@pytest.mark.parametrize("cls", MASKED)
+def test_difference_differentiable_is_refused(cls):
+    with pytest.raises(ValueError, match=r"Invalid differentiable: True; allowed: False \(the masked steps run under "
+                                         "torch.no_grad"):
+        cls([Parameter(torch.randn(3))], differentiable=True)
+
+
+@pytest.mark.parametrize("cls", MASKED)
+def test_difference_nonfinite_gradients_raise_by_default(cls):
+    p = Parameter(torch.randn(3))
+    opt = cls([p])
+    p.grad = torch.tensor([1.0, float("inf"), 0.0])
+    with pytest.raises(FloatingPointError, match="Pass nonfinite='skip' to skip such steps, or 'ignore' to update anyway"):
+        opt.step()
+    cls([p], nonfinite="ignore").step()  # torch.optim's behaviour, on request
