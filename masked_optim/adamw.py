@@ -127,17 +127,29 @@ class MaskedMultiModalAdamW(MaskedOptimizer):
         p = where
         _check_lr(f"{p}lr", group["lr"])
         _check_number(f"{p}eps", group["eps"], low=0.0, allowed="a number >= 0")
-        _check_number(f"{p}weight_decay", group["weight_decay"], low=0.0, allowed="a number >= 0")
+        # "weight_decay value", "beta parameter at index i": torch.optim.AdamW's wording (tests/test_contract.py)
+        _check_number(f"{p}weight_decay value", group["weight_decay"], low=0.0, allowed="a number >= 0")
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"Invalid {p}betas: {betas!r}; allowed: a pair (beta1, beta2) of numbers in [0, 1)")
+        tensors = [isinstance(b, Tensor) for b in betas]
+        if any(tensors) and not all(tensors):
+            raise ValueError(f"Invalid {p}betas: {betas!r}; allowed: betas must be either both floats or both Tensors")
         for i, beta in enumerate(betas):
-            _check_number(f"{p}betas[{i}]", beta, low=0.0, high=1.0, allowed="a number in [0, 1)")
-            if beta == 1.0:
-                raise ValueError(f"Invalid {p}betas[{i}]: {beta!r}; allowed: a number in [0, 1)")
+            value = beta.item() if isinstance(beta, Tensor) and beta.numel() == 1 else beta
+            _check_number(f"{p}beta parameter at index {i}", value, low=0.0, high=1.0, allowed="a number in [0, 1)")
+            if value == 1.0:
+                raise ValueError(f"Invalid {p}beta parameter at index {i}: {value!r}; allowed: a number in [0, 1)")
         if not isinstance(group["amsgrad"], bool):
             raise TypeError(f"Invalid {p}amsgrad: {group['amsgrad']!r}; allowed: True or False")
         _check_impl_flags(group, p)
+        if group["foreach"] and not group["fused"]:  # torch's multi-tensor AdamW takes no tensor hyperparameters
+            if isinstance(group["lr"], Tensor):
+                raise ValueError(f"Invalid {p}lr: a tensor with foreach=True; allowed: a number (lr as a Tensor is "
+                                 "not supported for capturable=False and foreach=True)")
+            if all(tensors):
+                raise ValueError(f"Invalid {p}betas: tensors with foreach=True; allowed: numbers (betas[0] as a "
+                                 "Tensor is not supported for capturable=False and foreach=True)")
 
     def _check_state_entry(self, entry: Mapping[str, Any], p: Tensor, where: str) -> None:
         shape = tuple(p.shape)  # global shapes for DTensors

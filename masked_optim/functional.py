@@ -577,7 +577,7 @@ def masked_adamw(
         _adamw_dense(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                      lr=lr * rate if mask == "scale" and rate < 1.0 else lr, foreach=foreach, fused=fused, **hyper)
         return [_num_units(p.shape, granularity) for p in params]
-    lr = float(lr)  # a tensor lr: the masked step's scalars are python numbers
+    lr, beta1, beta2 = float(lr), float(beta1), float(beta2)  # tensors: the masked step's scalars are numbers
     kept_counts: list[Union[Tensor, int]] = []
     for i, param in enumerate(params):
         shard = None if shards is None else shards[i]
