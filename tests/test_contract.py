@@ -266,6 +266,57 @@ def test_impl_matches_forloop(variant, impl):
             torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)  # the float32 row of tests/tolerances.py
 
 
+@variants
+def test_step_is_noop_for_zero_grads(variant):
+    """Zero gradients without weight decay move nothing (inputs with weight decay skipped, as torch's test)."""
+    for inp in _info(variant).optim_inputs_func(device=CPU):
+        w, b = _weight_bias()
+        before = (w.detach().clone(), b.detach().clone())
+        opt = _build(variant)([w, b], **inp.kwargs)
+        if opt.param_groups[0]["weight_decay"] != 0:  # AdamW's default decays
+            continue
+        for _ in range(3):
+            w.grad, b.grad = torch.zeros_like(w), torch.zeros_like(b)
+            opt.step()
+        assert torch.equal(w, before[0]) and torch.equal(b, before[1]), inp.desc
+
+
+@variants
+def test_load_nontensor_step(variant):
+    """A checkpoint whose ``step`` entries are python numbers (older torch) loads and steps."""
+    opt, w, b, x = _primed(_build(variant), {})
+    sd = copy.deepcopy(opt.state_dict())
+    for state in sd["state"].values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].item()
+    opt.load_state_dict(sd)
+    opt.step(_closure(opt, w, b, x))
+
+
+@variants
+def test_state_dict_hooks_run(variant):
+    opt, w, b, x = _primed(_build(variant), {})
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("sd-pre"))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load-post"))
+    opt.load_state_dict(opt.state_dict())
+    assert calls == ["sd-pre", "load-post"]
+
+
+@variants
+def test_mixed_dtypes_in_one_group(variant):
+    w64 = Parameter(torch.randn(4, 3, dtype=torch.float64))
+    b32 = Parameter(torch.randn(4))
+    opt = _build(variant)([w64, b32], lr=0.01)
+    before = (w64.detach().clone(), b32.detach().clone())
+    for _ in range(3):
+        opt.zero_grad()
+        (w64.sum() ** 2 + (b32 * 2).sum()).backward()
+        opt.step()
+    assert w64.dtype == torch.float64 and b32.dtype == torch.float32
+    assert not torch.equal(w64, before[0]) and not torch.equal(b32, before[1])
+
+
 # ----------------------------------------------------------------------------- deliberate differences
 MASKED = [MaskedMultiModalSGD, MaskedMultiModalAdamW]
 
