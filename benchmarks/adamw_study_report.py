@@ -21,6 +21,7 @@ import statistics
 import sys
 
 from masked_optim.experiments.compare import summarise, validate_result
+from release_study_report import table  # the same table as the release study's (a sibling script)
 from rule_study_report import WEAK  # the modality joint training under-uses, per dataset (a sibling script)
 
 SETTINGS = ("synthetic_xor", "synthetic_parity3", "mfeat_fac_zer", "watch")
@@ -62,35 +63,8 @@ def main(out: str = os.path.join(os.path.dirname(__file__), "results", "adamw_st
         runs, walls[name] = setting_runs(out, name)
         if runs:
             groups[name] = runs
-    summaries = {name: summarise({"runs": runs}) for name, runs in groups.items()}
-    print("AdamW study (--optimizer adamw; held out: synthetic draws 2-3 x seeds 0-4, mfeat seeds 5-9, watch 5 folds x seeds)\n")
-    print("| method | " + " | ".join(f"{n}: Δ fused / Δ weak slice / rates / release epoch" for n in groups) + " |")
-    print("|---|" + "---|" * len(groups))
-    for method in METHODS:
-        row = [f"`{method}`"]
-        for name, runs in groups.items():
-            s = summaries[name].get(method)
-            if s is None:
-                row.append("")
-                continue
-            weak = WEAK[runs[0]["config"]["dataset"]]
-            if method == "joint":
-                row.append(f"{100 * s['accuracy']['mean']:.1f} / {100 * s[f'slice:{weak}']['mean']:.1f} (n={s['n']})")
-                continue
-            mine = [r for r in runs if r["config"]["method"] == method]
-            acc, sl = s["accuracy"], s[f"slice:{weak}"]
-            rates = "/".join(f"{s[k]['mean']:.2f}" for k in s if k.startswith("rate:"))
-            released = [r.get("release_epoch") for r in mine]
-            epoch = "-" if all(e is None for e in released) else (
-                f"{statistics.mean(e for e in released if e is not None):.0f}"
-                + ("" if None not in released else f" ({released.count(None)} never)"))
-            row.append(f"{100 * acc['diff_vs_joint']:+.2f} ± {100 * acc['diff_se']:.2f} / "
-                       f"{100 * sl['diff_vs_joint']:+.1f} ± {100 * sl['diff_se']:.1f} / {rates} / {epoch} (n={s['n']})")
-        print("| " + " | ".join(row) + " |")
-    print("\njoint: absolute test accuracy (%) of the fused head and the weak modality's slice; others: paired "
-          "difference from joint ± s.e. (points); rates: mean keep rate per modality; release epoch: mean first "
-          "epoch at whose end the estimator was released")
-
+    summaries = table(groups, METHODS, "AdamW study (--optimizer adamw; held out: synthetic draws 2-3 x seeds 0-4, "
+                      "mfeat seeds 5-9, watch 5 folds x seeds)")
     print(f"\nCriteria ({DEFAULT}, release_at 0.2, under AdamW):")
     for name in SETTINGS:
         s = summaries.get(name, {}).get(DEFAULT)

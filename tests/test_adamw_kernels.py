@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from masked_optim.backends import backend_status
-from masked_optim.functional import inclusion_scalars, masked_adamw, unit_scores
+from masked_optim.functional import masked_adamw
 from masked_optim.modes import Mode
 from masked_optim.rng import derive_key
+from test_backends import _grad, _reference_scalars  # the SGD kernel tests' gradients and reference scalars
 from tolerances import TOLERANCES, assert_close_normwise
 
 CPU = torch.device("cpu")
@@ -46,22 +47,6 @@ def _kernel(p, g, m, v, vmax, scores, scalars, key, rate, mode, channel, *, weig
         p, g, m, v, vmax, scores, scalars, key, rate, smoothing, max_iter, int(mode), channel, lr, BETA1, BETA2, EPS,
         weight_decay, float(step), amsgrad, maximize,
     )
-
-
-def _reference_scalars(grad, rate, mode, granularity, maximize):
-    """The scores and [alpha, beta] masked_adamw's mask is drawn with (functional.unit_mask)."""
-    g = -grad if maximize else grad
-    scores = unit_scores(g, granularity)
-    if not mode.importance:  # uniform: q = rate
-        return scores, torch.tensor([0.0, rate], dtype=scores.dtype)
-    alpha, beta = inclusion_scalars(scores, rate, 0.5)
-    return scores, torch.stack([alpha, beta])
-
-
-def _grad(shape, dtype, step):
-    gen = torch.Generator().manual_seed(100 + step)
-    g = torch.randn(shape, generator=gen, dtype=torch.float64) * torch.exp(torch.randn(shape, generator=gen, dtype=torch.float64))
-    return g.to(dtype)
 
 
 def _grid():
