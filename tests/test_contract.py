@@ -355,3 +355,12 @@ def test_difference_nonfinite_gradients_raise_by_default(cls):
     with pytest.raises(FloatingPointError, match="Pass nonfinite='skip' to skip such steps, or 'ignore' to update anyway"):
         opt.step()
     cls([p], nonfinite="ignore").step()  # torch.optim's behaviour, on request
+
+
+@pytest.mark.parametrize("name", ["momentum", "weight_decay"])
+def test_difference_tensor_momentum_and_weight_decay_are_refused(name):
+    """torch.optim.SGD takes them; here only lr may be a tensor (the kernels take these as numbers)."""
+    torch.optim.SGD([Parameter(torch.randn(3))], lr=0.1, **{name: torch.tensor(0.5)})
+    shown = "momentum value" if name == "momentum" else name
+    with pytest.raises(TypeError, match=rf"Invalid {shown}: tensor\(0\.5000\) \(type Tensor\); allowed: a number >= 0"):
+        MaskedMultiModalSGD([Parameter(torch.randn(3))], lr=0.1, **{name: torch.tensor(0.5)})
