@@ -200,6 +200,8 @@ class MaskedOptimizer(Optimizer):
 
     kind = ""
     _state_name = ""
+    _torch_name = ""  # the torch optimizer it is without modalities
+    _warned_no_modality = False
 
     def __init__(self, params: Iterable[Union[Tensor, dict[str, Any]]], defaults: dict[str, Any], nonfinite: str) -> None:
         _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
@@ -209,6 +211,15 @@ class MaskedOptimizer(Optimizer):
         self.skipped_steps = 0
         self._last_stats: Optional[tuple] = None
         super().__init__(params, defaults)
+        if not self.modalities and not MaskedOptimizer._warned_no_modality:
+            MaskedOptimizer._warned_no_modality = True  # once per process: a plain optimizer may be meant
+            warnings.warn(
+                f"{type(self).__name__}: no param group has a `modality`, so nothing is rebalanced: this is "
+                f"{self._torch_name}. Build the groups with modality_param_groups({{'audio': enc_a, ...}}, "
+                "shared=head), or pass dicts with a 'modality' key (warned once per process)",
+                UserWarning,
+                stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ what a subclass states
     @classmethod

@@ -77,6 +77,7 @@ class MaskedMultiModalAdamW(MaskedOptimizer):
     """
 
     kind = "adamw"
+    _torch_name = "torch.optim.AdamW"
     _state_name = "MaskedMultiModalAdamW.state_dict() (or torch.optim.AdamW's)"
 
     def __init__(

@@ -111,6 +111,7 @@ class MaskedMultiModalSGD(MaskedOptimizer):
     """
 
     kind = "sgd"
+    _torch_name = "torch.optim.SGD"
     _state_name = "MaskedMultiModalSGD.state_dict() (or torch.optim.SGD's)"
 
     def __init__(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
@@ -39,6 +40,7 @@ class SignificanceStats:
     fallback: bool = False
     cross_entropy: dict[str, float] = field(default_factory=dict)
     released: bool = False
+    nonfinite_logits: tuple[str, ...] = ()  # modalities whose logits held NaN or Inf in this batch (rates: fallback)
 
 
 def _ratio(num: float, den: float) -> float:
@@ -159,6 +161,8 @@ class ModalSignificance:
         self._ema: Optional[dict[str, float]] = None
         self._info_ema: Optional[dict[str, float]] = None
         self.released = False
+        self.nonfinite_batches = 0  # batches whose logits held NaN or Inf (their rates were the fallback)
+        self._warned_nonfinite = False
         self.last: Optional[SignificanceStats] = None
 
     def state_dict(self) -> dict:
@@ -214,9 +218,10 @@ class ModalSignificance:
     def _validate(logits: Mapping[str, Tensor], labels: Tensor, features: Optional[Mapping[str, Tensor]]):
         if not isinstance(logits, Mapping) or not logits:
             raise ValueError(f"Invalid logits: {type(logits).__name__}; allowed: a non-empty dict {{modality: (B, K) tensor}}")
-        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-            raise ValueError(f"Invalid labels: {shape}; allowed: a 1-D integer tensor of class indices")
+        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool \
+                or labels.is_complex():
+            what = f"shape {tuple(labels.shape)} dtype {labels.dtype}" if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(f"Invalid labels: {what}; allowed: a 1-D integer tensor of class indices")
         batch = labels.shape[0]
         if batch == 0:
             raise ValueError("Invalid labels: an empty batch; allowed: at least one sample")
@@ -237,7 +242,34 @@ class ModalSignificance:
                 if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[0] != batch:
                     shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
                     raise ValueError(f"Invalid features[{m!r}]: shape {shape}; allowed: ({batch}, D)")
+        ModalSignificance._check_values(logits, labels, num_classes)
         return num_classes
+
+    @staticmethod
+    def _check_values(logits: Mapping[str, Tensor], labels: Tensor, num_classes: int) -> None:
+        """Labels within ``[0, num_classes)`` and logits that are not probabilities, read in one transfer
+        (on CUDA an out-of-range label would otherwise be a device-side assert, on CPU a bare IndexError)."""
+        names = list(logits)
+        probs = []
+        for m in names:  # rows in [0, 1] that sum to 1: softmax outputs, not logits
+            o = logits[m].detach().double()
+            probs.append(((o >= 0).all() & (o <= 1).all() & ((o.sum(1) - 1).abs() < 1e-4).all()).double()
+                         if num_classes > 1 else o.new_zeros((), dtype=torch.float64))
+        low, high = torch.aminmax(labels)
+        values = torch.cat([torch.stack([low, high]).double().to(probs[0].device), torch.stack(probs)]).cpu().tolist()
+        low, high, flags = int(values[0]), int(values[1]), [v != 0 for v in values[2:]]
+        if low < 0 or high >= num_classes:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"Invalid labels: class {bad}; allowed: integers in [0, {num_classes - 1}] (the logits have "
+                f"{num_classes} columns)"
+            )
+        for m, looks_like_probs in zip(names, flags):
+            if looks_like_probs:
+                raise ValueError(
+                    f"Invalid logits[{m!r}]: every row is in [0, 1] and sums to 1, i.e. probabilities; allowed: "
+                    "logits (pre-softmax scores: the estimator applies log-softmax itself)"
+                )
 
     @torch.no_grad()
     def __call__(
@@ -272,6 +304,18 @@ class ModalSignificance:
         ce_d = dict(zip(names, ce_l.tolist()))
         mi_d = dict(zip(names, mi_l.tolist()))
         ent_d = dict(zip(names, ent_l.tolist())) if features is not None else {}
+        nonfinite = tuple(m for m in names if not math.isfinite(ce_d[m]))
+        if nonfinite:
+            self.nonfinite_batches += 1
+            if not self._warned_nonfinite:
+                self._warned_nonfinite = True
+                warnings.warn(
+                    f"ModalSignificance: NaN or Inf in logits of {list(nonfinite)}: this batch's rates are the fallback "
+                    f"({FALLBACK_RATE if self.rule == 'softmax' else 1.0}); counted in `nonfinite_batches` and "
+                    "`last.nonfinite_logits` (warned once per estimator)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
         if self.rule == "softmax":
             numer = {m: mi_d[m] + self.offset for m in names}
@@ -312,6 +356,7 @@ class ModalSignificance:
             fallback=fallback,
             cross_entropy=ce_d,
             released=self.released,
+            nonfinite_logits=nonfinite,
         )
         return rates
 

@@ -4,6 +4,7 @@ import copy
 import io
 import math
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -819,3 +820,16 @@ def test_overflowing_square_names_its_parameter_in_any_group(backend):
     opt.nonfinite = "raise"
     with pytest.raises(FloatingPointError, match=r"Gradient too large in parameters \[2\]"):
         opt.step()
+
+
+def test_an_optimizer_without_modalities_warns_once_per_process(monkeypatch):
+    from masked_optim._base import MaskedOptimizer
+
+    monkeypatch.setattr(MaskedOptimizer, "_warned_no_modality", False)
+    with pytest.warns(UserWarning, match=r"MaskedMultiModalSGD: no param group has a `modality`, so nothing is rebalanced: "
+                                         r"this is torch.optim.SGD. Build the groups with modality_param_groups"):
+        MaskedMultiModalSGD([torch.zeros(2, requires_grad=True)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MaskedMultiModalSGD([torch.zeros(2, requires_grad=True)])  # once
+        MaskedMultiModalSGD([{"params": [torch.zeros(2, requires_grad=True)], "modality": "a"}])  # has one: silent

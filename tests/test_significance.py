@@ -2,6 +2,7 @@
 default is the ratio rule) and the ratio rule."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -158,7 +159,7 @@ def test_constructor_validation(kwargs, exc, pattern):
 def test_call_validation():
     logits, labels = example()
     est = ModalSignificance(rule="softmax")
-    with pytest.raises(ValueError, match=r"Invalid labels: \(4,\); allowed: a 1-D integer tensor"):
+    with pytest.raises(ValueError, match=r"Invalid labels: shape \(4,\) dtype torch.float32; allowed: a 1-D integer tensor"):
         est(logits, labels.float())
     with pytest.raises(ValueError, match=r"Invalid logits\['video'\]: shape \(3, 2\); allowed: \(4, K\)"):
         est({"audio": logits["audio"], "video": torch.zeros(3, 2)}, labels)
@@ -314,3 +315,47 @@ def test_release_state_round_trip_and_states_written_before_release():
     assert not old.released and old.state_dict()["info_ema"] is None
     with pytest.raises(ValueError, match=r"Invalid state: released='yes'; allowed: True or False"):
         old.load_state_dict({"ema": None, "rule": "ratio", "released": "yes"})
+
+
+# ----------------------------------------------------------------------------- loud failures
+def _logits(batch=8, k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"a": torch.randn(batch, k, generator=g), "b": torch.randn(batch, k, generator=g)}
+
+
+@pytest.mark.parametrize("labels,match", [
+    (torch.tensor([0, 1, 2, 4, 0, 1, 2, 3]), r"Invalid labels: class 4; allowed: integers in \[0, 3\] \(the logits have 4 columns\)"),
+    (torch.tensor([-1, 1, 2, 3, 0, 1, 2, 3]), r"Invalid labels: class -1; allowed: integers in \[0, 3\]"),
+    (torch.zeros(8), r"Invalid labels: shape \(8,\) dtype torch.float32; allowed: a 1-D integer tensor of class indices"),
+    (torch.zeros(8, dtype=torch.bool), r"Invalid labels: shape \(8,\) dtype torch.bool; allowed: a 1-D integer tensor"),
+])
+def test_bad_labels_are_named_errors(labels, match):
+    est = ModalSignificance()
+    with pytest.raises(ValueError, match=match):
+        est(_logits(), labels)
+    assert est.last is None  # nothing was recorded
+
+
+def test_probabilities_passed_as_logits_are_refused():
+    est = ModalSignificance()
+    logits = _logits()
+    with pytest.raises(ValueError, match=r"Invalid logits\['b'\]: every row is in \[0, 1\] and sums to 1, i.e. probabilities; "
+                                         r"allowed: logits \(pre-softmax scores"):
+        est({"a": logits["a"], "b": logits["b"].softmax(1)}, torch.arange(8) % 4)
+    est(logits, torch.arange(8) % 4)  # the same values as logits pass
+
+
+def test_nonfinite_logits_warn_once_and_are_counted():
+    est = ModalSignificance()
+    logits = _logits()
+    bad = {"a": logits["a"].clone(), "b": logits["b"]}
+    bad["a"][3, 1] = float("nan")
+    y = torch.arange(8) % 4
+    with pytest.warns(RuntimeWarning, match=r"NaN or Inf in logits of \['a'\]: this batch's rates are the fallback \(1.0\)"):
+        rates = est(bad, y)
+    assert rates == {"a": 1.0, "b": 1.0} and est.last.fallback and est.last.nonfinite_logits == ("a",)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per estimator
+        est(bad, y)
+        est(logits, y)
+    assert est.nonfinite_batches == 2 and est.last.nonfinite_logits == ()
