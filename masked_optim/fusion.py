@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, NamedTuple, Union
+from typing import Any, Iterable, Mapping, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -110,11 +110,18 @@ class FusionOutput(NamedTuple):
     modality_logits: dict[str, Tensor]
 
 
-def slice_logits(head: nn.Linear, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def slice_logits(head: nn.Linear, features: Mapping[str, Tensor], *, fused: Optional[Tensor] = None) -> dict[str, Tensor]:
     """Per-modality logits of a concatenation head ``o = W [z_1; ...; z_M] + b``.
 
-    ``o_m = z_m W_m^T + b / M`` where ``W_m`` is the block of columns that sees ``z_m``, in the
-    order of ``features``; the slices sum to the fused logits.
+    ``o_m = z_m W_m^T + b / M`` where ``W_m`` is the block of columns that sees ``z_m``, **in the
+    order of** ``features`` (which must be the order in which they were concatenated); the slices sum
+    to the fused logits. Features of another dtype than the head (bf16 features, an fp32 head) are
+    cast to the head's dtype outside autocast (under autocast the matmul casts as the head's did).
+
+    ``fused``: the head's output for these features. When given, the slices are checked to sum to it
+    (within the tolerance of the dtype, relative to the logits' size): a mismatch means the features
+    are not in the head's column order, or are not the head's input, and raises ``ValueError``. The
+    check reads one value on the host.
     """
     widths = [z.shape[-1] for z in features.values()]
     if sum(widths) != head.in_features:
@@ -126,7 +133,21 @@ def slice_logits(head: nn.Linear, features: Mapping[str, Tensor]) -> dict[str, T
     n = len(widths)
     out = {}
     for (m, z), w in zip(features.items(), blocks):
+        if z.dtype != w.dtype and not torch.is_autocast_enabled(z.device.type):
+            z = z.to(w.dtype)
         out[m] = z @ w.t() + (head.bias / n if head.bias is not None else 0.0)
+    if fused is not None:
+        total = sum(out.values())
+        if total.shape != fused.shape:
+            raise ValueError(f"Invalid fused: shape {tuple(fused.shape)}; allowed: {tuple(total.shape)}, the head's output for these features")
+        tol = 1e-2 if fused.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        err = ((total.float() - fused.float()).abs().max() / fused.float().abs().max().clamp_min(1.0)).item()
+        if not err <= tol:
+            raise ValueError(
+                f"Invalid features: the slices do not sum to the fused logits (relative error {err:.3g}, allowed: "
+                f"{tol:g}); pass the features in the order the head concatenates them (got {list(features)}), "
+                "and the head's own input"
+            )
     return out
 
 

@@ -94,3 +94,25 @@ def test_concat_fusion_validation():
     head = ConcatFusion({"a": 2, "b": 2}, 2)
     with pytest.raises(ValueError, match=r"Invalid features: modalities \['a'\]; allowed: exactly \['a', 'b'\]"):
         head({"a": torch.zeros(1, 2)})
+
+
+def test_slice_logits_casts_features_to_the_head_dtype_outside_autocast():
+    head = torch.nn.Linear(7, 3)
+    za, zb = torch.randn(5, 4), torch.randn(5, 3)
+    out = slice_logits(head, {"a": za.bfloat16(), "b": zb.bfloat16()})
+    ref = slice_logits(head, {"a": za.bfloat16().float(), "b": zb.bfloat16().float()})
+    for m in out:
+        assert out[m].dtype == torch.float32 and torch.equal(out[m], ref[m])
+
+
+def test_slice_logits_checks_the_order_against_the_fused_logits():
+    head = torch.nn.Linear(7, 3)
+    za, zb = torch.randn(5, 4), torch.randn(5, 3)
+    fused = head(torch.cat([za, zb], 1))
+    slices = slice_logits(head, {"a": za, "b": zb}, fused=fused)
+    torch.testing.assert_close(sum(slices.values()), fused)
+    with pytest.raises(ValueError, match=r"Invalid features: the slices do not sum to the fused logits \(relative error .*\); "
+                                         r"pass the features in the order the head concatenates them \(got \['b', 'a'\]\)"):
+        slice_logits(head, {"b": zb, "a": za}, fused=fused)
+    with pytest.raises(ValueError, match=r"Invalid fused: shape \(5, 2\); allowed: \(5, 3\)"):
+        slice_logits(head, {"a": za, "b": zb}, fused=fused[:, :2])
