@@ -204,3 +204,95 @@ def test_cli_train_adamw_resume_is_bit_identical_and_the_optimizer_is_checked(tm
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 2 and "optimizer: checkpoint 'adamw', config 'sgd'" in capsys.readouterr().err
+
+
+# --- compare keeps finished runs as it goes, and --resume reuses them ----------------------------
+
+_COMPARE = ["compare", "--dataset", "synthetic:xor", "--methods", "joint,amss", "--seeds", "2", "--epochs", "2",
+            "--batch-size", "500", "--no-probe", "--no-plot", "--quiet", "--backend", "reference"]
+
+
+def _runs_without_wall_time(path):
+    import json
+
+    runs = json.loads(path.read_text())["runs"]
+    for run in runs:
+        run.pop("wall_time_s")
+    return runs
+
+
+def _killed_compare(out):
+    """Start the compare in a subprocess whose second run hangs, SIGKILL it once the first run is in the journal."""
+    import signal
+    import time
+
+    code = (
+        "import sys, time\n"
+        "import masked_optim.experiments.compare as c\n"
+        "real, calls = c.train, []\n"
+        "def train(*a, **k):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) > 1: time.sleep(600)  # 'dies' during the second run\n"
+        "    return real(*a, **k)\n"
+        "c.train = train\n"
+        "from masked_optim.experiments.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    journal = out / "c.partial.jsonl"
+    proc = subprocess.Popen([sys.executable, "-c", code, *_COMPARE, "--out", str(out), "--name", "c"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (journal.is_file() and journal.read_text().endswith("\n")):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no run was written"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    assert len(journal.read_text().splitlines()) == 1 and not (out / "c.json").exists()
+    return journal
+
+
+def test_cli_compare_killed_midway_resumes_to_the_uninterrupted_result(tmp_path, capsys):
+    full = tmp_path / "full"
+    assert main(_COMPARE + ["--out", str(full), "--name", "c"]) == 0
+    assert not (full / "c.partial.jsonl").exists()  # the final JSON supersedes the journal
+    uninterrupted = capsys.readouterr().out
+    part = tmp_path / "part"
+    journal = _killed_compare(part)
+    with open(journal, "a") as fh:  # a kill in the middle of a write leaves a cut last line: dropped
+        fh.write('{"config": {"method": "amss"')
+    assert main(_COMPARE + ["--out", str(part), "--name", "c", "--resume"]) == 0
+    out = capsys.readouterr()
+    assert "resume: reusing 1 of 4 runs from" in out.err
+    assert _runs_without_wall_time(part / "c.json") == _runs_without_wall_time(full / "c.json")  # bit for bit, same order
+    def table(text):  # the printed table but for its last column, the wall time
+        return [line.rsplit(None, 1)[0] for line in text.splitlines() if not line.startswith(("wrote", "total"))]
+
+    assert table(out.out) == table(uninterrupted) and len(table(out.out)) == 5
+    assert not journal.exists()
+
+
+def test_cli_compare_resume_refuses_changed_options_and_an_unresumed_journal(tmp_path, capsys):
+    import json
+
+    journal = _killed_compare(tmp_path)
+    before = journal.read_text()
+    cases = [
+        (["--resume", "--lr", "0.5"], "has lr 0.01, this compare 0.5"),
+        (["--resume", "--backend", "auto"], "has backend 'reference', this compare 'auto'"),
+        (["--resume", "--seeds", "3,4"], "is not one this compare runs"),
+        ([], "holds the finished runs of an interrupted compare; allowed: --resume to reuse them"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(_COMPARE + ["--out", str(tmp_path), "--name", "c", *extra])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err, (extra, err)
+        assert journal.read_text() == before  # nothing was overwritten
+    # more seeds than the interrupted compare: its run is reused, the new ones trained
+    assert main(_COMPARE + ["--out", str(tmp_path), "--name", "c", "--resume", "--seeds", "3"]) == 0
+    assert "reusing 1 of 6 runs" in capsys.readouterr().err
+    assert len(json.loads((tmp_path / "c.json").read_text())["runs"]) == 6

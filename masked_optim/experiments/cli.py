@@ -207,9 +207,13 @@ def _run_compare(args: argparse.Namespace) -> int:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     folds = None if args.folds == "all" else _int_list(args.folds, "--folds")
+    stem = os.path.join(args.out, args.name or _slug(args.dataset))
+    journal = stem + ".partial.jsonl"  # every finished run, as it finishes; superseded by <stem>.json
     comparison = run_compare(args.dataset, methods, args.seeds, folds=folds, base=_config_from(args), progress=not args.quiet,
-                             data_seeds=args.data_seeds)
-    _write_outputs(comparison, os.path.join(args.out, args.name or _slug(args.dataset)), not args.no_plot)
+                             data_seeds=args.data_seeds, journal=journal, resume=args.resume)
+    _write_outputs(comparison, stem, not args.no_plot)
+    if os.path.exists(journal):
+        os.remove(journal)
     print(f"total {comparison['total_wall_time_s']:.0f} s")
     return 0
 
@@ -289,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_p.add_argument("--name", default=None, help="file stem (default: from the dataset)")
     cmp_p.add_argument("--no-plot", action="store_true")
     cmp_p.add_argument("--quiet", action="store_true", help="no progress bar")
+    cmp_p.add_argument("--resume", action="store_true",
+                       help="reuse the finished runs of an interrupted compare (every run is appended to "
+                            "<out>/<name>.partial.jsonl as it finishes; the final <name>.json replaces it) and train the "
+                            "rest: the table and JSON are those of an uninterrupted run. Give the same options: a kept run "
+                            "whose config differs in any field (e.g. --lr), or that this compare would not run, is an error "
+                            "naming the field, never rerun or mixed in silently. Without --resume an existing "
+                            "<name>.partial.jsonl is an error too (delete it to start over)")
     _add_train_options(cmp_p)
     merge_p = sub.add_parser("merge", help="merge compare JSONs of one dataset (e.g. folds run in parallel): table, JSON, PNG")
     merge_p.add_argument("inputs", nargs="+", help="compare JSON files")

@@ -14,7 +14,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
@@ -23,7 +23,7 @@ from .data import load_dataset, num_folds
 from .metrics import mean_std, paired_difference
 from .training import TrainConfig, parse_method, train
 
-__all__ = ["SCHEMA", "run_compare", "merge_comparisons", "summarise", "format_table", "save_json", "plot_curves", "validate_result"]
+__all__ = ["SCHEMA", "run_compare", "read_journal", "merge_comparisons", "summarise", "format_table", "save_json", "plot_curves", "validate_result"]
 
 SCHEMA = "masked_optim.compare/1"
 BASELINE = "joint"
@@ -96,6 +96,8 @@ def run_compare(
     progress: bool = True,
     stream=None,
     data_seeds: Optional[Sequence[int]] = None,
+    journal: Optional[str] = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train every method for every seed, fold and data draw; returns the JSON-ready comparison.
 
@@ -104,6 +106,18 @@ def run_compare(
     shared by the methods. ``folds=None`` runs every fold of the dataset (one for datasets without
     folds); ``data_seeds=None`` runs ``base.data_seed`` only (draws matter for synthetic data).
     Runs are paired with ``joint`` by (seed, fold, data draw).
+
+    ``journal``: a file path (the CLI's ``<out>/<name>.partial.jsonl``); every finished run is
+    appended to it as one JSON line, flushed and fsynced, so a run that dies keeps the runs it
+    finished. The caller removes it once the final JSON is written. If it exists already,
+    ``resume=False`` refuses (``ValueError``: nothing is overwritten silently); ``resume=True``
+    reuses its runs: a run is reused only if its whole config (method, seed, fold, data seed and
+    every other :class:`TrainConfig` field, after defaults are filled in) equals the one this call
+    would train; a run of the journal with another config, or one this call would not train,
+    raises ``ValueError`` naming it and the first differing field. The other runs are trained and
+    appended, and the result is that of an uninterrupted call (runs in the same order, the same
+    summary) except ``created``, ``environment`` and ``total_wall_time_s`` (this call's time plus
+    the reused runs' ``wall_time_s``).
     """
     if not methods:
         raise ValueError(f"Invalid methods: {list(methods)!r}; allowed: at least one method")
@@ -118,20 +132,32 @@ def run_compare(
     draws = [base.data_seed] if data_seeds is None else list(data_seeds)
     if not draws or len(set(draws)) != len(draws) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in draws):
         raise ValueError(f"Invalid data_seeds: {draws!r}; allowed: one or more distinct ints >= 0")
-    bar = _Progress(len(methods) * len(seeds) * len(fold_list) * len(draws), stream=stream, enabled=progress)
+    plan = [(draw, fold, seed, method) for draw in draws for fold in fold_list for seed in seeds for method in methods]
+    configs = {(m, s, f, d): replace(base, dataset=dataset, method=m, seed=s, fold=f, data_seed=d) for d, f, s, m in plan}
+    done = _reusable_runs(journal, resume, configs) if journal is not None else {}
+    if done:
+        print(f"resume: reusing {len(done)} of {len(plan)} runs from {journal}", file=stream or sys.stderr, flush=True)
+    bar = _Progress(len(plan) - len(done), stream=stream, enabled=progress)
     runs: list[dict[str, Any]] = []
     started = time.perf_counter()
-    for draw, fold in [(d, f) for d in draws for f in fold_list]:
-        data = load_dataset(dataset, fold=fold, seed=draw)
-        for seed in seeds:
-            for method in methods:
-                config = replace(base, dataset=dataset, method=method, seed=seed, fold=fold, data_seed=draw)
-                label = (f"{method} seed {seed}" + (f" fold {fold}" if len(fold_list) > 1 or fold else "")
-                         + (f" draw {draw}" if len(draws) > 1 or draw else ""))
-                result = train(config, data, progress=lambda ev, lab=label: bar.update(lab, ev["epoch"], ev["epochs"]))
-                slices = " ".join(f"{m} {v:.3f}" for m, v in result["test"]["slice_accuracy"].items())
-                bar.finish_run(label, f"test acc {result['test']['accuracy']:.3f}, slices {slices}")
-                runs.append(result)
+    reused_time = sum(run["wall_time_s"] for run in done.values())
+    loaded: dict[tuple[int, int], Any] = {}
+    for draw, fold, seed, method in plan:
+        key = (method, seed, fold, draw)
+        if key in done:
+            runs.append(done[key])
+            continue
+        if (draw, fold) not in loaded:  # once per fold and draw, and not at all if every run of it is reused
+            loaded = {(draw, fold): load_dataset(dataset, fold=fold, seed=draw)}
+        label = (f"{method} seed {seed}" + (f" fold {fold}" if len(fold_list) > 1 or fold else "")
+                 + (f" draw {draw}" if len(draws) > 1 or draw else ""))
+        result = train(configs[key], loaded[(draw, fold)],
+                       progress=lambda ev, lab=label: bar.update(lab, ev["epoch"], ev["epochs"]))
+        if journal is not None:
+            _append_line(journal, result)
+        slices = " ".join(f"{m} {v:.3f}" for m, v in result["test"]["slice_accuracy"].items())
+        bar.finish_run(label, f"test acc {result['test']['accuracy']:.3f}, slices {slices}")
+        runs.append(result)
     comparison = {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -143,11 +169,83 @@ def run_compare(
         "seeds": list(seeds),
         "folds": fold_list,
         "data_seeds": draws,
-        "total_wall_time_s": time.perf_counter() - started,
+        "total_wall_time_s": time.perf_counter() - started + reused_time,
         "runs": runs,
     }
     comparison["summary"] = summarise(comparison)
     return comparison
+
+
+def _append_line(path: str, run: dict[str, Any]) -> None:
+    """Append one run as a JSON line, flushed and fsynced (a kill mid-write can only cut the last line)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(run, separators=(",", ":"), allow_nan=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_journal(path: str) -> list[dict[str, Any]]:
+    """The runs of a ``run_compare`` journal (JSON lines); a cut last line (a kill mid-write) is dropped."""
+    with open(path) as fh:
+        lines = fh.read().split("\n")
+    runs = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            run = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # the last line, without its newline: the write that was cut
+                break
+            raise ValueError(f"Invalid journal {path}: line {i + 1} is not JSON; allowed: one run per line") from None
+        if not isinstance(run, dict) or not isinstance(run.get("config"), dict) or not isinstance(run.get("test"), dict):
+            raise ValueError(f"Invalid journal {path}: line {i + 1} is not a run; allowed: one run per line")
+        runs.append(run)
+    return runs
+
+
+def _reusable_runs(journal: str, resume: bool, configs: dict[tuple, TrainConfig]) -> dict[tuple, dict[str, Any]]:
+    """The journal's runs by (method, seed, fold, data seed), checked against the configs to train.
+
+    Rewrites the journal (atomically) without a cut last line, so that new runs append cleanly.
+    """
+    if not os.path.exists(journal):
+        return {}
+    if not resume:
+        raise ValueError(
+            f"Invalid output: {journal} holds the finished runs of an interrupted compare; "
+            "allowed: --resume to reuse them, or delete the file to start over"
+        )
+    runs = read_journal(journal)
+    done: dict[tuple, dict[str, Any]] = {}
+    for run in runs:
+        c = run["config"]
+        key = (c.get("method"), c.get("seed"), c.get("fold"), c.get("data_seed"))
+        name = f"run (method, seed, fold, data seed) = {key}"
+        if key not in configs:
+            raise ValueError(
+                f"Invalid --resume: {name} of {journal} is not one this compare runs; allowed: the methods, seeds, folds and "
+                "data seeds of the interrupted compare (more may be added), or delete the file to start over"
+            )
+        if key in done:
+            raise ValueError(f"Invalid --resume: {name} appears twice in {journal}; allowed: each run once")
+        expected = asdict(configs[key].resolved())
+        for field in list(expected) + [f for f in c if f not in expected]:
+            if field not in c or field not in expected or c[field] != expected[field]:
+                raise ValueError(
+                    f"Invalid --resume: {name} of {journal} has {field} {c.get(field, '(missing)')!r}, this compare "
+                    f"{expected.get(field, '(missing)')!r}; allowed: the options of the interrupted compare, "
+                    "or delete the file to start over"
+                )
+        done[key] = run
+    tmp = journal + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.writelines(json.dumps(run, separators=(",", ":"), allow_nan=True) + "\n" for run in runs)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, journal)
+    return done
 
 
 def merge_comparisons(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
