@@ -452,6 +452,12 @@ class MaskedOptimizer(Optimizer):
         return rates
 
     # ------------------------------------------------------------------ step
+    # Never traced by torch.compile (a graph break, on purpose): the step's control flow depends on
+    # Python state (each tensor's Philox key from its step count, the rates, the non-finite verdict
+    # read on the host), so tracing it would guard on all of these and recompile whenever a rate or
+    # a key changes; its fused kernels already make one pass per tensor. A compiled training step that
+    # calls it compiles the forward and backward and runs this eagerly (tests/test_compile.py).
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None, rates: Optional[Mapping[str, float]] = None):
         """Perform one optimisation step.
