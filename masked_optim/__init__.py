@@ -12,6 +12,7 @@ import warnings
 
 from .adamw import MaskedMultiModalAdamW
 from .backends import BackendUnavailable
+from .balancer import Balancer
 from .functional import masked_adamw, masked_gradient, masked_sgd
 from .fusion import ConcatFusion, FusionOutput, modality_param_groups, slice_logits
 from .modes import Mode
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MaskedMultiModalSGD",
     "MaskedMultiModalAdamW",
+    "Balancer",
     "ModalSignificance",
     "SignificanceStats",
     "StepStats",

@@ -6,13 +6,16 @@ import re
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_usage_example_runs(capsys):
+def test_usage_examples_run(capsys):
+    """The Balancer example (at most 15 lines) and the by-hand example of the Usage section both run."""
     text = (ROOT / "README.md").read_text()
-    usage = text[text.index("## Usage"):]
-    code = re.search(r"```python\n(.*?)```", usage, re.S).group(1)
-    assert len([line for line in code.splitlines() if line.strip()]) <= 15
-    exec(compile(code, "README.md", "exec"), {})
-    assert "kept_fraction" in capsys.readouterr().out
+    usage = text[text.index("## Usage"):text.index("## Which method should I use?")]
+    blocks = re.findall(r"```python\n(.*?)```", usage, re.S)
+    assert len(blocks) == 2
+    assert len([line for line in blocks[0].splitlines() if line.strip()]) <= 15
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
+        assert "kept_fraction" in capsys.readouterr().out
 
 
 TEST_COMMAND = (

@@ -1,0 +1,184 @@
+"""``Balancer``: the optimizer, the estimator and the slices of a model, as one object.
+
+The three-piece recipe of the README (parameter groups by modality, slice logits of the head, the
+estimator feeding ``set_rates``) made from the model's named submodules, with its checks: every
+trainable parameter of the model is in exactly one group (the encoders' by modality, every other
+one shared), errors name parameters by their qualified name, and the slices are checked against
+the fused logits (docs/algorithm.md §3.7), so features passed in another order than the head's
+cannot silently give wrong rates.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .adamw import MaskedMultiModalAdamW
+from .fusion import ConcatFusion, slice_logits
+from .optim import MaskedMultiModalSGD
+from .significance import ModalSignificance
+
+__all__ = ["Balancer"]
+
+_OPTIMIZERS = {"sgd": MaskedMultiModalSGD, "adamw": MaskedMultiModalAdamW}
+
+
+class Balancer:
+    """One object for balanced multimodal training of ``model``.
+
+    Args:
+        model: the whole model (its parameters are all optimised: the encoders' by modality, the
+            rest shared and dense).
+        encoders: ``{modality: submodule or its qualified name}`` (``"enc.audio"``), one per modality.
+        head: the fusion head whose slices give each modality's logits: an ``nn.Linear`` over the
+            concatenated features, a :class:`~masked_optim.ConcatFusion`, or its qualified name; or
+            ``None`` when the model has no such head (pass per-modality logits to :meth:`update_rates`).
+        optimizer: ``"sgd"`` (:class:`~masked_optim.MaskedMultiModalSGD`, default), ``"adamw"``
+            (:class:`~masked_optim.MaskedMultiModalAdamW`), or a callable ``groups -> optimizer``.
+        estimator: the :class:`~masked_optim.ModalSignificance` (default: its defaults).
+        **optimizer_kwargs: passed to the optimizer class (``lr``, ``momentum``, ``mask``, ...).
+
+    Per step::
+
+        out = model(x)                                  # your forward
+        loss.backward()
+        balancer.update_rates(features, labels, logits=out.logits)   # or modality_logits=...
+        balancer.step()
+
+    ``state_dict()`` holds the optimizer's and the estimator's state.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        encoders: Mapping[str, Union[str, nn.Module]],
+        head: Union[str, nn.Module, None] = None,
+        *,
+        optimizer: Union[str, Callable[[list[dict[str, Any]]], torch.optim.Optimizer]] = "sgd",
+        estimator: Optional[ModalSignificance] = None,
+        **optimizer_kwargs: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Invalid model: {type(model).__name__}; allowed: an nn.Module")
+        if not isinstance(encoders, Mapping) or not encoders:
+            raise ValueError(f"Invalid encoders: {encoders!r}; allowed: a non-empty dict {{modality: submodule or its name}}")
+        self.model = model
+        self.encoders = {m: self._submodule(f"encoders[{m!r}]", e) for m, e in encoders.items()}
+        self.head = None if head is None else self._submodule("head", head)
+        if self.head is not None and not isinstance(self.head, (nn.Linear, ConcatFusion)):
+            raise TypeError(
+                f"Invalid head: {type(self.head).__name__}; allowed: an nn.Linear over the concatenated features, a "
+                "ConcatFusion, or None (then pass modality_logits to update_rates)"
+            )
+        self.groups = self._groups()
+        if isinstance(optimizer, str):
+            if optimizer not in _OPTIMIZERS:
+                raise ValueError(f"Invalid optimizer: {optimizer!r}; allowed: one of {sorted(_OPTIMIZERS)}, or a callable")
+            self.optimizer = _OPTIMIZERS[optimizer](self.groups, **optimizer_kwargs)
+        elif callable(optimizer):
+            self.optimizer = optimizer(self.groups)
+        else:
+            raise TypeError(f"Invalid optimizer: {optimizer!r}; allowed: 'sgd', 'adamw' or a callable groups -> optimizer")
+        if estimator is not None and not isinstance(estimator, ModalSignificance):
+            raise TypeError(f"Invalid estimator: {type(estimator).__name__}; allowed: a ModalSignificance or None")
+        self.estimator = estimator if estimator is not None else ModalSignificance()
+
+    def _submodule(self, what: str, spec: Union[str, nn.Module]) -> nn.Module:
+        if isinstance(spec, str):
+            try:
+                return self.model.get_submodule(spec)
+            except AttributeError:
+                names = [n for n, _ in self.model.named_children()]
+                raise ValueError(f"Invalid {what}: {spec!r} is not a submodule of the model; allowed: a qualified name "
+                                 f"such as {names[0] + '.<child>' if names else '<child>'} (its children: {names})") from None
+        if isinstance(spec, nn.Module):
+            if not any(spec is m for m in self.model.modules()):
+                raise ValueError(f"Invalid {what}: a {type(spec).__name__} that is not part of the model; allowed: one of "
+                                 "its submodules (or its qualified name)")
+            return spec
+        raise TypeError(f"Invalid {what}: {type(spec).__name__}; allowed: a submodule of the model or its qualified name")
+
+    def _groups(self) -> list[dict[str, Any]]:
+        """One group per modality (its encoder's trainable parameters), one shared group (every other
+        trainable parameter of the model); a parameter in two encoders is an error naming it."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        owner: dict[int, str] = {}
+        groups = []
+        for modality, module in self.encoders.items():
+            params = [p for p in module.parameters() if p.requires_grad]
+            for p in params:
+                if id(p) in owner:
+                    raise ValueError(
+                        f"Invalid encoders: parameter {names.get(id(p), tuple(p.shape))!r} is in the encoders of both "
+                        f"{owner[id(p)]!r} and {modality!r}; allowed: each parameter in one modality (a weight both "
+                        "modalities use belongs in the shared part of the model)"
+                    )
+                owner[id(p)] = modality
+            if not params:
+                raise ValueError(f"Invalid encoders[{modality!r}]: a module without trainable parameters")
+            groups.append({"params": params, "modality": modality})
+        shared = [p for p in self.model.parameters() if p.requires_grad and id(p) not in owner]
+        if shared:
+            groups.append({"params": shared, "modality": None})
+        return groups
+
+    def parameter_modality(self) -> dict[str, Optional[str]]:
+        """``{qualified parameter name: modality or None (shared)}`` of every trainable parameter."""
+        of = {id(p): g["modality"] for g in self.groups for p in g["params"]}
+        return {n: of[id(p)] for n, p in self.model.named_parameters() if id(p) in of}
+
+    def slices(self, features: Mapping[str, Tensor], logits: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """Per-modality logits of the head for ``features`` (in the encoders' order), checked against
+        the fused ``logits`` when given (a ``ValueError`` if they do not sum to them)."""
+        if self.head is None:
+            raise ValueError("Invalid call: this Balancer has no head (head=None); pass modality_logits to update_rates")
+        if set(features) != set(self.encoders):
+            raise ValueError(f"Invalid features: modalities {sorted(features)}; allowed: exactly {sorted(self.encoders)}")
+        linear = self.head.fc if isinstance(self.head, ConcatFusion) else self.head
+        order = list(self.head.dims) if isinstance(self.head, ConcatFusion) else list(features)
+        return slice_logits(linear, {m: features[m].detach() for m in order}, fused=None if logits is None else logits.detach())
+
+    @torch.no_grad()
+    def update_rates(
+        self,
+        features: Optional[Mapping[str, Tensor]],
+        labels: Tensor,
+        *,
+        logits: Optional[Tensor] = None,
+        modality_logits: Optional[Mapping[str, Tensor]] = None,
+    ) -> dict[str, float]:
+        """Estimate the rates from this batch and set them on the optimizer; returns them.
+
+        ``features``: each encoder's output (the head's input), used for the slices and the
+        estimator's feature entropy. ``logits``: the fused logits, to check the slices against (one
+        host read). ``modality_logits``: per-modality logits to use instead of the head's slices
+        (required with ``head=None``).
+        """
+        if modality_logits is None:
+            if features is None:
+                raise ValueError("Invalid features: None; allowed: each encoder's output (or pass modality_logits)")
+            modality_logits = self.slices(features, logits)
+        detached = None if features is None else {m: z.detach() for m, z in features.items()}
+        rates = self.estimator({m: o.detach() for m, o in modality_logits.items()}, labels, detached)
+        self.optimizer.set_rates(rates)
+        return rates
+
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """The optimizer's step."""
+        return self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"optimizer": ..., "estimator": ...}``."""
+        return {"optimizer": self.optimizer.state_dict(), "estimator": self.estimator.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping) or set(state) != {"optimizer", "estimator"}:
+            raise ValueError(f"Invalid state: keys {sorted(state) if isinstance(state, Mapping) else type(state).__name__}; "
+                             "allowed: the dict of Balancer.state_dict(), with 'optimizer' and 'estimator'")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.estimator.load_state_dict(state["estimator"])
