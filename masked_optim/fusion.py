@@ -71,13 +71,20 @@ def modality_param_groups(
         raise ValueError(f"Invalid encoders: {type(encoders).__name__}; allowed: a non-empty dict {{modality: nn.Module}}")
     owner: dict[int, str] = {}
     groups: list[dict[str, Any]] = []
+    # Qualified names, where a module gives them (its first owner's name for a shared tensor), for errors.
+    named: dict[int, str] = {}
+    for key, obj in [*((f"encoders[{m!r}]", e) for m, e in encoders.items()), ("shared", shared)]:
+        for mod in [obj] if isinstance(obj, nn.Module) else [o for o in obj if isinstance(o, nn.Module)] if isinstance(obj, (list, tuple)) else []:
+            for n, p in mod.named_parameters():
+                named.setdefault(id(p), f"{key}.{n}")
 
     def claim(params: list[Tensor], name: str) -> None:
         for p in params:
             if id(p) in owner and owner[id(p)] != name:
+                what = f"parameter {named[id(p)]} (shape {tuple(p.shape)})" if id(p) in named else f"a parameter of shape {tuple(p.shape)}"
                 raise ValueError(
-                    f"Invalid encoders/shared: a parameter of shape {tuple(p.shape)} belongs to both "
-                    f"{owner[id(p)]} and {name}; allowed: each parameter in one place"
+                    f"Invalid encoders/shared: {what} belongs to both {owner[id(p)]} and {name}; allowed: each "
+                    "parameter in one place"
                 )
             owner[id(p)] = name
 

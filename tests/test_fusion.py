@@ -49,8 +49,11 @@ def test_frozen_parameters_are_left_out_and_moduledict_accepted():
 
 def test_a_parameter_in_two_places_is_rejected():
     shared = nn.Linear(3, 3)
-    with pytest.raises(ValueError, match=r"a parameter of shape \(3, 3\) belongs to both modality 'a' and modality 'b'"):
+    with pytest.raises(ValueError, match=r"parameter encoders\['a'\]\.weight \(shape \(3, 3\)\) belongs to both modality 'a' "
+                                         r"and modality 'b'"):
         modality_param_groups({"a": shared, "b": shared})
+    with pytest.raises(ValueError, match=r"a parameter of shape \(3, 3\) belongs to both modality 'a' and modality 'b'"):
+        modality_param_groups({"a": [shared.weight], "b": [shared.weight]})  # bare tensors: no name to give
     with pytest.raises(ValueError, match=r"belongs to both modality 'a' and shared"):
         modality_param_groups({"a": shared}, shared=[shared])
 
