@@ -17,6 +17,7 @@ from .functional import masked_adamw, masked_gradient, masked_sgd
 from .fusion import ConcatFusion, FusionOutput, modality_param_groups, slice_logits
 from .modes import Mode
 from .optim import MaskedMultiModalSGD, ModalityStats, StepStats
+from .probes import ModalityProbes
 from .significance import ModalSignificance, SignificanceStats
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "MaskedMultiModalAdamW",
     "Balancer",
     "ModalSignificance",
+    "ModalityProbes",
     "SignificanceStats",
     "StepStats",
     "ModalityStats",

@@ -18,11 +18,13 @@ from torch import Tensor, nn
 from .adamw import MaskedMultiModalAdamW
 from .fusion import ConcatFusion, slice_logits
 from .optim import MaskedMultiModalSGD
+from .probes import ModalityProbes
 from .significance import ModalSignificance
 
 __all__ = ["Balancer"]
 
 _OPTIMIZERS = {"sgd": MaskedMultiModalSGD, "adamw": MaskedMultiModalAdamW}
+SIGNALS = ("slices", "probes")
 
 
 class Balancer:
@@ -38,6 +40,14 @@ class Balancer:
         optimizer: ``"sgd"`` (:class:`~masked_optim.MaskedMultiModalSGD`, default), ``"adamw"``
             (:class:`~masked_optim.MaskedMultiModalAdamW`), or a callable ``groups -> optimizer``.
         estimator: the :class:`~masked_optim.ModalSignificance` (default: its defaults).
+        signal: where the estimator's per-modality logits come from: ``"slices"`` (default; the
+            head's slices, or ``modality_logits`` with ``head=None``) or ``"probes"`` (a
+            :class:`~masked_optim.ModalityProbes` trained online on the detached features, for any
+            fusion, docs/algorithm.md §3.8; ``head`` may be None and is not used for the rates).
+        probe_dims: ``{modality: feature width}`` of the probes (default: the features' widths at
+            the first :meth:`update_rates`). ``num_classes``: the probes' classes (default: the
+            width of the ``logits`` given to the first :meth:`update_rates`). ``probe_options``:
+            passed to :class:`~masked_optim.ModalityProbes` (``lr``, ``momentum``, ...).
         **optimizer_kwargs: passed to the optimizer class (``lr``, ``momentum``, ``mask``, ...).
 
     Per step::
@@ -58,6 +68,10 @@ class Balancer:
         *,
         optimizer: Union[str, Callable[[list[dict[str, Any]]], torch.optim.Optimizer]] = "sgd",
         estimator: Optional[ModalSignificance] = None,
+        signal: str = "slices",
+        probe_dims: Optional[Mapping[str, int]] = None,
+        num_classes: Optional[int] = None,
+        probe_options: Optional[Mapping[str, Any]] = None,
         **optimizer_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -84,6 +98,20 @@ class Balancer:
         if estimator is not None and not isinstance(estimator, ModalSignificance):
             raise TypeError(f"Invalid estimator: {type(estimator).__name__}; allowed: a ModalSignificance or None")
         self.estimator = estimator if estimator is not None else ModalSignificance()
+        if signal not in SIGNALS:
+            raise ValueError(f"Invalid signal: {signal!r}; allowed: one of {list(SIGNALS)}")
+        self.signal = signal
+        if signal == "slices" and (probe_dims is not None or num_classes is not None or probe_options is not None):
+            raise ValueError("Invalid probe_dims / num_classes / probe_options with signal='slices'; allowed: only with signal='probes'")
+        if probe_dims is not None and (not isinstance(probe_dims, Mapping) or set(probe_dims) != set(self.encoders)):
+            got = sorted(probe_dims) if isinstance(probe_dims, Mapping) else type(probe_dims).__name__
+            raise ValueError(f"Invalid probe_dims: modalities {got}; allowed: exactly the encoders' {sorted(self.encoders)}")
+        self._probe_dims = None if probe_dims is None else dict(probe_dims)
+        self._num_classes = num_classes
+        self._probe_options = dict(probe_options or {})
+        self.probes: Optional[ModalityProbes] = None
+        if self._probe_dims is not None and num_classes is not None:
+            self.probes = ModalityProbes(self._probe_dims, num_classes, **self._probe_options)
 
     def _submodule(self, what: str, spec: Union[str, nn.Module]) -> nn.Module:
         if isinstance(spec, str):
@@ -156,7 +184,15 @@ class Balancer:
         host read). ``modality_logits``: per-modality logits to use instead of the head's slices
         (required with ``head=None``).
         """
-        if modality_logits is None:
+        if self.signal == "probes":
+            if modality_logits is not None:
+                raise ValueError("Invalid modality_logits with signal='probes'; allowed: None (the probes give them)")
+            if features is None:
+                raise ValueError("Invalid features: None; allowed: each encoder's output (the probes' input)")
+            if set(features) != set(self.encoders):
+                raise ValueError(f"Invalid features: modalities {sorted(features)}; allowed: exactly {sorted(self.encoders)}")
+            modality_logits = self._probes_for(features, logits)(features, labels)
+        elif modality_logits is None:
             if features is None:
                 raise ValueError("Invalid features: None; allowed: each encoder's output (or pass modality_logits)")
             modality_logits = self.slices(features, logits)
@@ -164,6 +200,19 @@ class Balancer:
         rates = self.estimator({m: o.detach() for m, o in modality_logits.items()}, labels, detached)
         self.optimizer.set_rates(rates)
         return rates
+
+    def _probes_for(self, features: Mapping[str, Tensor], logits: Optional[Tensor]) -> ModalityProbes:
+        if self.probes is None:
+            dims = self._probe_dims or {m: int(z.shape[-1]) for m, z in features.items()}
+            k = self._num_classes
+            if k is None:
+                if logits is None:
+                    raise ValueError("Invalid call: signal='probes' needs the number of classes; allowed: pass "
+                                     "num_classes to Balancer, or the fused logits to the first update_rates")
+                k = int(logits.shape[-1])
+            device = next(iter(features.values())).device
+            self.probes = ModalityProbes(dims, k, device=device, **self._probe_options)
+        return self.probes
 
     def step(self, closure: Optional[Callable[[], Any]] = None):
         """The optimizer's step."""
@@ -173,12 +222,22 @@ class Balancer:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"optimizer": ..., "estimator": ...}``."""
-        return {"optimizer": self.optimizer.state_dict(), "estimator": self.estimator.state_dict()}
+        """``{"optimizer": ..., "estimator": ...}``, and ``"probes"`` once the probes exist (signal="probes")."""
+        state = {"optimizer": self.optimizer.state_dict(), "estimator": self.estimator.state_dict()}
+        if self.probes is not None:
+            state["probes"] = self.probes.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if not isinstance(state, Mapping) or set(state) != {"optimizer", "estimator"}:
+        if not isinstance(state, Mapping) or set(state) not in ({"optimizer", "estimator"}, {"optimizer", "estimator", "probes"}):
             raise ValueError(f"Invalid state: keys {sorted(state) if isinstance(state, Mapping) else type(state).__name__}; "
-                             "allowed: the dict of Balancer.state_dict(), with 'optimizer' and 'estimator'")
+                             "allowed: the dict of Balancer.state_dict(), with 'optimizer' and 'estimator' (and 'probes')")
+        if "probes" in state and self.signal != "probes":
+            raise ValueError("Invalid state: it holds probes but this Balancer has signal='slices'; allowed: signal='probes'")
         self.optimizer.load_state_dict(state["optimizer"])
         self.estimator.load_state_dict(state["estimator"])
+        if "probes" in state:
+            if self.probes is None:
+                p = state["probes"]
+                self.probes = ModalityProbes(dict(p["dims"]), int(p["num_classes"]), **self._probe_options)
+            self.probes.load_state_dict(state["probes"])

@@ -107,3 +107,71 @@ def test_bad_specs_are_named():
     bal = Balancer(model, {"audio": "enc.audio", "image": "enc.image"}, head="head")
     with pytest.raises(ValueError, match=r"Invalid state: keys \['optimizer'\]; allowed: the dict of Balancer.state_dict\(\)"):
         bal.load_state_dict({"optimizer": bal.optimizer.state_dict()})
+
+
+class AttentionNet(nn.Module):
+    """Cross-attention fusion: no slice logits exist."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.ModuleDict({"audio": nn.Sequential(nn.Linear(6, 8), nn.ReLU()), "image": nn.Sequential(nn.Linear(4, 8), nn.ReLU())})
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.cls = nn.Linear(8, 3)
+
+    def forward(self, x):
+        feats = {m: self.enc[m](x[m]) for m in ("audio", "image")}
+        tokens = torch.stack([feats["audio"], feats["image"]], 1)
+        fused, _ = self.attn(tokens, tokens, tokens)
+        return feats, self.cls(fused.mean(1))
+
+
+def test_probe_signal_trains_an_attention_model_end_to_end_and_resumes():
+    torch.manual_seed(0)
+    model = AttentionNet()
+    twin = copy.deepcopy(model)
+    make = lambda m: Balancer(m, {"audio": "enc.audio", "image": "enc.image"}, signal="probes", mask="amss+",  # noqa: E731
+                              lr=0.05, momentum=0.9, probe_options={"lr": 0.05})
+    bal = make(model)
+    assert bal.probes is None and "probes" not in bal.state_dict()
+    losses = _train(bal, model, 40)
+    assert sum(losses[-5:]) < sum(losses[:5])
+    assert bal.probes is not None and bal.probes.dims == {"audio": 8, "image": 8} and bal.probes.num_classes == 3
+    assert bal.probes.steps == 40
+    assert bal.estimator.last is not None and set(bal.optimizer.get_rates()) == {"audio", "image"}
+    # audio carries the label (the batches make it so), image is noise: the probes see it
+    mi = bal.estimator.last.mutual_information
+    assert mi["audio"] > mi["image"]
+    # resume: 20 steps, state_dict (with "probes"), 20 more on a fresh Balancer == 40 in one go
+    other = make(twin)
+    _train(other, twin, 20)
+    state = copy.deepcopy(other.state_dict())
+    assert set(state) == {"optimizer", "estimator", "probes"}
+    model2 = copy.deepcopy(twin)
+    resumed = make(model2)
+    resumed.load_state_dict(state)
+    _train(resumed, model2, 20, start=20)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_probe_signal_options_are_checked():
+    model = AttentionNet()
+    enc = {"audio": "enc.audio", "image": "enc.image"}
+    with pytest.raises(ValueError, match="Invalid signal: 'logits'"):
+        Balancer(model, enc, signal="logits")
+    with pytest.raises(ValueError, match="Invalid probe_dims"):
+        Balancer(model, enc, signal="probes", probe_dims={"audio": 8})
+    with pytest.raises(ValueError, match="only with signal='probes'"):
+        Balancer(model, enc, probe_dims={"audio": 8, "image": 8})
+    bal = Balancer(model, enc, signal="probes", probe_dims={"audio": 8, "image": 8}, num_classes=3, lr=0.1)
+    assert bal.probes is not None  # built at once when dims and classes are known
+    x, y = _batch(0)
+    feats, _ = model(x)
+    bal.update_rates(feats, y)  # no logits needed: num_classes given
+    with pytest.raises(ValueError, match="Invalid modality_logits with signal='probes'"):
+        bal.update_rates(feats, y, modality_logits={m: torch.zeros(32, 3) for m in feats})
+    lazy = Balancer(model, enc, signal="probes", lr=0.1)
+    with pytest.raises(ValueError, match="needs the number of classes"):
+        lazy.update_rates(feats, y)
+    with pytest.raises(ValueError, match="holds probes but this Balancer has signal='slices'"):
+        Balancer(model, enc, lr=0.1).load_state_dict(bal.state_dict())

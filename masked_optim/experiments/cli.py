@@ -84,6 +84,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                         "for both; torch's AdamW default would be 0.01)")
     p.add_argument("--smoothing", type=float, default=d.smoothing, help="importance smoothing gamma (docs/algorithm.md §2)")
     p.add_argument("--backend", default=d.backend, choices=["auto", "reference", "cpp", "cuda", "triton"])
+    p.add_argument("--fusion", default=d.fusion, choices=["concat", "attention"],
+                   help="concat head (slice logits) or cross-attention over modality tokens (no slices; needs "
+                        "--signal probes) (default %(default)s)")
+    p.add_argument("--signal", default=d.signal, choices=["slices", "probes"],
+                   help="per-modality logits for the estimator and per-modality accuracies: the concat head's slices, "
+                        "or linear probes trained online on detached features (docs/algorithm.md §3.8) (default %(default)s)")
     g = p.add_argument_group("keep-rate estimator (ModalSignificance, docs/algorithm.md §3)")
     g.add_argument("--temperature", type=float, default=d.temperature)
     g.add_argument("--offset", type=float, default=d.offset)
@@ -124,7 +130,8 @@ def _config_from(args: argparse.Namespace, **extra):
         rule=args.rule, power=args.power, release_at=args.release_at, release_beta=args.release_beta,
         ogm_alpha=args.ogm_alpha, ogm_start=args.ogm_start, ogm_end=args.ogm_end, relearn_lam=args.relearn_lam,
         relearn_every=args.relearn_every, relearn_times=args.relearn_times, relearn_reset_buffers=args.relearn_reset_buffers,
-        relearn_reset_optimizer=args.relearn_reset_optimizer, probe=not args.no_probe, **extra,
+        relearn_reset_optimizer=args.relearn_reset_optimizer, probe=not args.no_probe, fusion=args.fusion,
+        signal=args.signal, **extra,
     )
 
 

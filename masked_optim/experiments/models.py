@@ -8,14 +8,16 @@ feed :class:`~masked_optim.ModalSignificance` and the per-modality accuracies.
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..fusion import ConcatFusion, FusionOutput
 
-__all__ = ["MLPEncoder", "Conv1dEncoder", "MultimodalNet", "ModelOutput", "build_model"]
+__all__ = ["MLPEncoder", "Conv1dEncoder", "MultimodalNet", "AttentionFusionNet", "ModelOutput", "build_model", "FUSIONS"]
+
+FUSIONS = ("concat", "attention")
 
 
 def _positive_int(name: str, value) -> int:
@@ -66,10 +68,11 @@ class Conv1dEncoder(nn.Module):
 
 
 class ModelOutput(NamedTuple):
-    """``logits`` (B, K) fused; ``modality_logits`` ``{m: o_m}`` (the head's slices); ``features`` ``{m: z_m}``."""
+    """``logits`` (B, K) fused; ``modality_logits`` ``{m: o_m}`` (the head's slices; None for a fusion
+    without slices, e.g. :class:`AttentionFusionNet`); ``features`` ``{m: z_m}``."""
 
     logits: Tensor
-    modality_logits: dict[str, Tensor]
+    modality_logits: Optional[dict[str, Tensor]]
     features: dict[str, Tensor]
 
 
@@ -104,15 +107,69 @@ class MultimodalNet(nn.Module):
         return ModelOutput(out.logits, out.modality_logits, features)
 
 
+def _feature_dims(encoders: Mapping[str, nn.Module]) -> dict[str, int]:
+    dims = {}
+    for m, enc in encoders.items():
+        dim = getattr(enc, "feature_dim", None)
+        if not isinstance(dim, int):
+            raise ValueError(f"Invalid encoders[{m!r}]: it has no int attribute feature_dim; allowed: an encoder that declares its output width")
+        dims[m] = dim
+    return dims
+
+
+class AttentionFusionNet(nn.Module):
+    """``encoders[m](x[m]) -> z_m``, each projected to a token, fused by one multi-head self-attention layer.
+
+    The tokens ``t_m = W_m z_m + e_m`` (a linear projection per modality plus a learned modality
+    embedding) go through ``nn.MultiheadAttention`` (one layer, ``heads`` heads) with a residual
+    connection and layer norm; their mean feeds a linear classifier. The fused logits are not a sum
+    of per-modality terms, so there are no slice logits: ``forward`` returns ``modality_logits=None``
+    and the estimator's logits come from :class:`~masked_optim.ModalityProbes` (docs/algorithm.md §3.8).
+    """
+
+    def __init__(self, encoders: Mapping[str, nn.Module], num_classes: int, *, token_dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        if not isinstance(encoders, Mapping) or not encoders:
+            raise ValueError(f"Invalid encoders: {encoders!r}; allowed: a non-empty dict {{modality: nn.Module}}")
+        _positive_int("token_dim", token_dim)
+        if _positive_int("heads", heads) > token_dim or token_dim % heads:
+            raise ValueError(f"Invalid heads: {heads!r}; allowed: a divisor of token_dim = {token_dim}")
+        self.encoders = nn.ModuleDict(dict(encoders))
+        self.dims = _feature_dims(self.encoders)
+        self.proj = nn.ModuleDict({m: nn.Linear(d, token_dim) for m, d in self.dims.items()})
+        self.embed = nn.Parameter(torch.zeros(len(self.dims), token_dim))
+        self.attn = nn.MultiheadAttention(token_dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(token_dim)
+        self.classifier = nn.Linear(token_dim, _positive_int("num_classes", num_classes))
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.encoders)
+
+    def forward(self, x: Mapping[str, Tensor]) -> ModelOutput:
+        if set(x) != set(self.encoders):
+            raise ValueError(f"Invalid input: modalities {sorted(x)}; allowed: exactly {sorted(self.encoders)}")
+        features = {m: enc(x[m]) for m, enc in self.encoders.items()}
+        tokens = torch.stack([self.proj[m](features[m]) for m in self.encoders], 1) + self.embed
+        mixed, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        fused = self.norm(tokens + mixed).mean(1)
+        return ModelOutput(self.classifier(fused), None, features)
+
+
 def build_model(
     shapes: Mapping[str, tuple[int, ...]],
     num_classes: int,
+    fusion: str = "concat",
     *,
     hidden: Sequence[int] = (128,),
     feature_dim: int = 64,
     conv_width: int = 16,
-) -> MultimodalNet:
-    """An encoder per modality from its per-sample shape: ``(d,)`` -> MLP, ``(channels, time)`` -> CNN."""
+) -> "MultimodalNet | AttentionFusionNet":
+    """An encoder per modality from its per-sample shape: ``(d,)`` -> MLP, ``(channels, time)`` -> CNN;
+    ``fusion="concat"`` (default): a :class:`MultimodalNet` (concatenation head with slice logits),
+    ``"attention"``: an :class:`AttentionFusionNet` (cross-attention over modality tokens, no slices)."""
+    if fusion not in FUSIONS:
+        raise ValueError(f"Invalid fusion: {fusion!r}; allowed: one of {list(FUSIONS)}")
     encoders: dict[str, nn.Module] = {}
     for m, shape in shapes.items():
         shape = tuple(shape)
@@ -122,6 +179,8 @@ def build_model(
             encoders[m] = Conv1dEncoder(shape[0], feature_dim, conv_width)
         else:
             raise ValueError(f"Invalid shapes[{m!r}]: {shape}; allowed: (features,) or (channels, time)")
+    if fusion == "attention":
+        return AttentionFusionNet(encoders, num_classes)
     return MultimodalNet(encoders, num_classes)
 
 
@@ -139,6 +198,7 @@ def predict(model: MultimodalNet, x: Mapping[str, Tensor], batch_size: int = 102
         raise ValueError("Invalid input: 0 samples; allowed: at least one")
     return ModelOutput(
         torch.cat([p.logits for p in parts]),
-        {m: torch.cat([p.modality_logits[m] for p in parts]) for m in parts[0].modality_logits},
+        None if parts[0].modality_logits is None
+        else {m: torch.cat([p.modality_logits[m] for p in parts]) for m in parts[0].modality_logits},
         {m: torch.cat([p.features[m] for p in parts]) for m in parts[0].features},
     )

@@ -58,6 +58,7 @@ from .models import MultimodalNet, build_model, predict
 from .modulation import OGMGE
 from ..optim import MaskedMultiModalSGD
 from .relearn import DiagnoseRelearn
+from ..probes import ModalityProbes
 from ..significance import ModalSignificance
 
 __all__ = [
@@ -90,6 +91,8 @@ METHODS: dict[str, _Method] = {
 RELEARN_PREFIX = "relearn+"
 RULES = ("softmax", "ratio")  # ModalSignificance's rate rules, selectable per method with "@rule"
 OPTIMIZERS = ("sgd", "adamw")  # TrainConfig.optimizer: MaskedMultiModalSGD or MaskedMultiModalAdamW
+FUSIONS = ("concat", "attention")  # TrainConfig.fusion: build_model's fusion
+SIGNALS = ("slices", "probes")  # TrainConfig.signal: the estimator's per-modality logits
 
 # Per dataset family: epochs, learning rate and batch size. Synthetic: docs/algorithm.md §8. mfeat and watch:
 # the learning rate is the one joint training does best with on the validation split (docs/results.md,
@@ -158,6 +161,12 @@ class TrainConfig:
     splits (docs/algorithm.md §7). ``optimizer`` is ``"sgd"`` or ``"adamw"`` (see the module docstring); ``momentum``
     is SGD's, ``adam_beta1``, ``adam_beta2`` and ``adam_eps`` are AdamW's ``betas`` and ``eps`` (each ignored by the
     other optimizer); ``weight_decay`` goes to either as given (SGD: L2 added to the gradient; AdamW: decoupled).
+    ``fusion`` is :func:`~masked_optim.experiments.models.build_model`'s (``"concat"``, default, or
+    ``"attention"``, which has no slice logits). ``signal`` is where the per-modality logits of the
+    estimator, OGM-GE and the per-modality accuracies come from: ``"slices"`` (default; the concat
+    head's slices) or ``"probes"`` (:class:`~masked_optim.ModalityProbes` with its default options,
+    trained online on the detached features every step, for every method; docs/algorithm.md §3.8).
+    ``fusion="attention"`` needs ``signal="probes"``.
     """
 
     dataset: str = "mfeat:fac+zer"
@@ -196,6 +205,8 @@ class TrainConfig:
     relearn_reset_buffers: bool = False
     relearn_reset_optimizer: bool = False
     probe: bool = True
+    fusion: str = "concat"
+    signal: str = "slices"
 
     def resolved(self) -> "TrainConfig":
         """A copy with the dataset defaults filled in and every field validated."""
@@ -220,13 +231,25 @@ class TrainConfig:
             raise ValueError(f"Invalid lr: {out.lr!r}; allowed: a finite number > 0")
         if out.rule not in RULES:
             raise ValueError(f"Invalid rule: {out.rule!r}; allowed: one of {list(RULES)}")
+        if out.fusion not in FUSIONS:
+            raise ValueError(f"Invalid fusion: {out.fusion!r}; allowed: one of {list(FUSIONS)}")
+        if out.signal not in SIGNALS:
+            raise ValueError(f"Invalid signal: {out.signal!r}; allowed: one of {list(SIGNALS)}")
+        if out.fusion != "concat" and out.signal == "slices":
+            raise ValueError(f"Invalid signal: 'slices' with fusion {out.fusion!r}, which has no slice logits; "
+                             "allowed: signal='probes' (or fusion='concat')")
         out.rule = method_rule(out.method) or out.rule  # the rule the run uses, recorded with its results
         return out
 
 
-def _accuracies(out, labels: Tensor) -> dict[str, float]:
+def _modality_logits(out, probes: Optional[ModalityProbes]) -> dict[str, Tensor]:
+    """The per-modality logits to report: the slices, or with ``signal="probes"`` the probes' (no training)."""
+    return out.modality_logits if probes is None else probes.logits(out.features)
+
+
+def _accuracies(out, labels: Tensor, probes: Optional[ModalityProbes] = None) -> dict[str, float]:
     acc = {"fused": accuracy(out.logits, labels)}
-    for m, o in out.modality_logits.items():
+    for m, o in _modality_logits(out, probes).items():
         acc[m] = accuracy(o, labels)
     return acc
 
@@ -235,8 +258,13 @@ def _build(config: TrainConfig, data: MultimodalSplits):
     name, granularity = parse_method(config.method)
     method = method_spec(name)
     torch.manual_seed(config.seed)
-    model = build_model(data.shapes, data.num_classes)
-    groups = modality_param_groups(model.encoders, shared=model.head)
+    if config.fusion == "concat":
+        model = build_model(data.shapes, data.num_classes)
+        groups = modality_param_groups(model.encoders, shared=model.head)
+    else:
+        model = build_model(data.shapes, data.num_classes, config.fusion)
+        owned = {id(p) for p in model.encoders.parameters()}
+        groups = modality_param_groups(model.encoders, shared=[p for p in model.parameters() if id(p) not in owned])
     common = dict(
         lr=config.lr, weight_decay=config.weight_decay, mask=method.mask, granularity=granularity,
         sampler=method.sampler, smoothing=config.smoothing, seed=config.seed,
@@ -382,6 +410,8 @@ def _check_resumable(state: Mapping[str, Any], config: TrainConfig, path: str) -
         saved["release_at"], saved["release_beta"] = math.inf, 0.9
     if "optimizer" not in saved and "momentum" in saved:  # written before the optimizer was selectable: SGD
         saved.update(optimizer="sgd", adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8)
+    if "fusion" not in saved and "method" in saved:  # written before fusion and signal were selectable
+        saved.update(fusion="concat", signal="slices")
     diffs = []
     for key in [*current, *(k for k in saved if k not in current)]:
         if key in RESUME_MAY_CHANGE:
@@ -539,6 +569,9 @@ def _train(config, data, progress, on_epoch_end, checkpoint, checkpoint_every, s
     if data is None:
         data = load_dataset(config.dataset, fold=config.fold, seed=config.data_seed)
     model, optimizer, estimator, modulation, relearner = _build(config, data)
+    probes = None  # built without random numbers: the default path's RNG use is unchanged
+    if config.signal == "probes":
+        probes = ModalityProbes(_feature_dims(model), data.num_classes)
     modalities = model.modalities
     x_train, y_train = data.train
     n_train = y_train.shape[0]
@@ -560,8 +593,8 @@ def _train(config, data, progress, on_epoch_end, checkpoint, checkpoint_every, s
         optimizer.load_state_dict(state["optimizer"])
         for group, backend in zip(optimizer.param_groups, backends):
             group["backend"] = backend
-        for part, name in ((estimator, "estimator"), (modulation, "modulation"), (relearner, "relearner")):
-            if (part is None) != (state[name] is None):
+        for part, name in ((estimator, "estimator"), (modulation, "modulation"), (relearner, "relearner"), (probes, "probes")):
+            if (part is None) != (state.get(name) is None):
                 raise ValueError(f"Invalid checkpoint {resume_path!r}: {name} state does not match the method {config.method!r}")
             if part is not None:
                 part.load_state_dict(state[name])
@@ -592,15 +625,17 @@ def _train(config, data, progress, on_epoch_end, checkpoint, checkpoint_every, s
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             rates = None
+            # the slices, or the probes' logits on this batch (taken before their step on it)
+            modality_logits = out.modality_logits if probes is None else probes(out.features, yb)
             if estimator is not None:
                 feats = {m: z.detach() for m, z in out.features.items()} if config.estimator_features else None
-                rates = estimator({m: o.detach() for m, o in out.modality_logits.items()}, yb, feats)
+                rates = estimator({m: o.detach() for m, o in modality_logits.items()}, yb, feats)
                 fallbacks += int(estimator.last.fallback)
             for m in modalities:  # every attempted step counts, also one that diverges
                 rate_total[m] += rates[m] if rates is not None else 1.0
             rate_steps += 1
             if modulation is not None:
-                modulation.apply({m: o.detach() for m, o in out.modality_logits.items()}, yb, epoch - 1)
+                modulation.apply({m: o.detach() for m, o in modality_logits.items()}, yb, epoch - 1)
             loss_value = loss.item()  # the loop's one read of the loss (a host sync on GPU)
             if not math.isfinite(loss_value):
                 diverged_at = epoch
@@ -624,7 +659,7 @@ def _train(config, data, progress, on_epoch_end, checkpoint, checkpoint_every, s
         steps_total += steps
         if diverged_at is not None:
             break
-        val = _accuracies(predict(model, data.val[0]), data.val[1])
+        val = _accuracies(predict(model, data.val[0]), data.val[1], probes)
         row: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": loss_sum / max(steps, 1),
@@ -657,6 +692,7 @@ def _train(config, data, progress, on_epoch_end, checkpoint, checkpoint_every, s
                 "estimator": None if estimator is None else estimator.state_dict(),
                 "modulation": None if modulation is None else modulation.state_dict(),
                 "relearner": None if relearner is None else relearner.state_dict(),
+                "probes": None if probes is None else probes.state_dict(),
                 "best": {"epoch": best_epoch, "accuracy": best_acc, "state": best_state},
                 "history": history,
                 "totals": {"rate": dict(rate_total), "rate_steps": rate_steps, "steps": steps_total},
@@ -674,8 +710,8 @@ def _train(config, data, progress, on_epoch_end, checkpoint, checkpoint_every, s
         "modalities": modalities,
         "num_classes": data.num_classes,
         "best_epoch": best_epoch,
-        "val": _evaluate(model, data, "val", probe=False),
-        "test": _evaluate(model, data, "test", probe=config.probe),
+        "val": _evaluate(model, data, "val", probe=False, probes=probes),
+        "test": _evaluate(model, data, "test", probe=config.probe, probes=probes),
         "mean_rates": {m: rate_total[m] / max(rate_steps, 1) for m in modalities},
         # the first epoch at whose end the estimator was released (rates max_rate from then on)
         "release_epoch": next((row["epoch"] for row in history if row.get("released")), None),
@@ -687,13 +723,19 @@ def _train(config, data, progress, on_epoch_end, checkpoint, checkpoint_every, s
     return result
 
 
-def _evaluate(model: MultimodalNet, data: MultimodalSplits, split: str, probe: bool) -> dict[str, Any]:
+def _feature_dims(model) -> dict[str, int]:
+    return {m: int(enc.feature_dim) for m, enc in model.encoders.items()}
+
+
+def _evaluate(model: MultimodalNet, data: MultimodalSplits, split: str, probe: bool,
+              probes: Optional[ModalityProbes] = None) -> dict[str, Any]:
+    """``slice_accuracy``: of the slices, or with ``signal="probes"`` of the online probes (their last weights)."""
     x, y = getattr(data, split)
     out = predict(model, x)
     res: dict[str, Any] = {
         "accuracy": accuracy(out.logits, y),
         "macro_f1": macro_f1(out.logits, y, data.num_classes),
-        "slice_accuracy": {m: accuracy(o, y) for m, o in out.modality_logits.items()},
+        "slice_accuracy": {m: accuracy(o, y) for m, o in _modality_logits(out, probes).items()},
     }
     if probe:
         train_feats = predict(model, data.train[0]).features
