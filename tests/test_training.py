@@ -400,3 +400,14 @@ def test_merge_refuses_mixed_optimizers(tiny):
     with pytest.raises(ValueError, match="one optimizer in a comparison"):
         merge_comparisons([sgd, adamw])
     assert "(adamw)" in format_table(adamw)
+
+
+def test_probe_slice_accuracies_are_those_of_the_selected_epoch(tiny):
+    """With signal="probes", the reported validation slice accuracies are the probes' at the best
+    epoch (their weights are kept with the model's), equal to that epoch's history row."""
+    r = train(TrainConfig(dataset="synthetic:xor", method="scale", fusion="attention", signal="probes", epochs=4,
+                          probe=False), tiny)
+    row = next(h for h in r["history"] if h["epoch"] == r["best_epoch"])
+    assert r["val"]["accuracy"] == row["val"]["fused"]
+    assert r["val"]["slice_accuracy"] == {m: row["val"][m] for m in r["modalities"]}
+    assert r["best_epoch"] < 4  # not the last epoch: the probes' last weights would give other accuracies

@@ -579,6 +579,8 @@ def _train(config, data, progress, on_epoch_end, checkpoint, checkpoint_every, s
     history: list[dict[str, Any]] = []
     # Epoch 0 (the initial weights) is selected only if training diverges in the first epoch.
     best_epoch, best_acc, best_state = 0, -1.0, copy.deepcopy(model.state_dict())
+    # The probes' weights at the selected epoch, so that the reported slice accuracies are the model's there.
+    best_probes = None if probes is None else copy.deepcopy(probes.state_dict())
     diverged_at: Optional[int] = None
     rate_total = {m: 0.0 for m in modalities}
     steps_total = rate_steps = 0
@@ -601,6 +603,7 @@ def _train(config, data, progress, on_epoch_end, checkpoint, checkpoint_every, s
         history = list(state["history"])
         best = state["best"]
         best_epoch, best_acc, best_state = best["epoch"], best["accuracy"], best["state"]
+        best_probes = best.get("probes", best_probes)  # checkpoints before it: the probes' current weights
         totals = state["totals"]
         rate_total = {m: float(totals["rate"][m]) for m in modalities}
         rate_steps, steps_total = totals["rate_steps"], totals["steps"]
@@ -673,6 +676,7 @@ def _train(config, data, progress, on_epoch_end, checkpoint, checkpoint_every, s
         if val["fused"] > best_acc:
             best_epoch, best_acc = epoch, val["fused"]
             best_state = copy.deepcopy(model.state_dict())
+            best_probes = None if probes is None else copy.deepcopy(probes.state_dict())
         # Interventions on the weights come after this epoch's validation and checkpoint selection.
         if relearner is not None:
             # Diagnosis reads the training and validation splits only, never the test split.
@@ -693,7 +697,7 @@ def _train(config, data, progress, on_epoch_end, checkpoint, checkpoint_every, s
                 "modulation": None if modulation is None else modulation.state_dict(),
                 "relearner": None if relearner is None else relearner.state_dict(),
                 "probes": None if probes is None else probes.state_dict(),
-                "best": {"epoch": best_epoch, "accuracy": best_acc, "state": best_state},
+                "best": {"epoch": best_epoch, "accuracy": best_acc, "state": best_state, "probes": best_probes},
                 "history": history,
                 "totals": {"rate": dict(rate_total), "rate_steps": rate_steps, "steps": steps_total},
                 "rng": {"data_order": gen.get_state(), **_rng_state()},
@@ -704,6 +708,8 @@ def _train(config, data, progress, on_epoch_end, checkpoint, checkpoint_every, s
             progress(event)
     wall = wall_before + time.perf_counter() - start
     model.load_state_dict(best_state)
+    if probes is not None:
+        probes.load_state_dict(best_probes)
     result: dict[str, Any] = {
         "config": asdict(config),
         "dataset": data.name or config.dataset,
@@ -729,7 +735,7 @@ def _feature_dims(model) -> dict[str, int]:
 
 def _evaluate(model: MultimodalNet, data: MultimodalSplits, split: str, probe: bool,
               probes: Optional[ModalityProbes] = None) -> dict[str, Any]:
-    """``slice_accuracy``: of the slices, or with ``signal="probes"`` of the online probes (their last weights)."""
+    """``slice_accuracy``: of the slices, or with ``signal="probes"`` of the online probes (their weights at the selected epoch)."""
     x, y = getattr(data, split)
     out = predict(model, x)
     res: dict[str, Any] = {
