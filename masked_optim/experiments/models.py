@@ -76,37 +76,6 @@ class ModelOutput(NamedTuple):
     features: dict[str, Tensor]
 
 
-class MultimodalNet(nn.Module):
-    """``encoders[m](x[m]) -> z_m``, then a :class:`ConcatFusion` head on ``[z_1; ...; z_M]``.
-
-    Pass ``model.encoders`` and ``model.head`` to :func:`~masked_optim.modality_param_groups`.
-    """
-
-    def __init__(self, encoders: Mapping[str, nn.Module], num_classes: int) -> None:
-        super().__init__()
-        if not isinstance(encoders, Mapping) or not encoders:
-            raise ValueError(f"Invalid encoders: {encoders!r}; allowed: a non-empty dict {{modality: nn.Module}}")
-        self.encoders = nn.ModuleDict(dict(encoders))
-        dims = {}
-        for m, enc in self.encoders.items():
-            dim = getattr(enc, "feature_dim", None)
-            if not isinstance(dim, int):
-                raise ValueError(f"Invalid encoders[{m!r}]: it has no int attribute feature_dim; allowed: an encoder that declares its output width")
-            dims[m] = dim
-        self.head = ConcatFusion(dims, num_classes)
-
-    @property
-    def modalities(self) -> list[str]:
-        return list(self.encoders)
-
-    def forward(self, x: Mapping[str, Tensor]) -> ModelOutput:
-        if set(x) != set(self.encoders):
-            raise ValueError(f"Invalid input: modalities {sorted(x)}; allowed: exactly {sorted(self.encoders)}")
-        features = {m: enc(x[m]) for m, enc in self.encoders.items()}
-        out: FusionOutput = self.head(features)
-        return ModelOutput(out.logits, out.modality_logits, features)
-
-
 def _feature_dims(encoders: Mapping[str, nn.Module]) -> dict[str, int]:
     dims = {}
     for m, enc in encoders.items():
@@ -117,7 +86,44 @@ def _feature_dims(encoders: Mapping[str, nn.Module]) -> dict[str, int]:
     return dims
 
 
-class AttentionFusionNet(nn.Module):
+class _EncoderNet(nn.Module):
+    """What both fusion models share: ``encoders`` (a ModuleDict; each declares ``feature_dim``), their
+    widths ``dims``, ``modalities`` and the encoder pass over a checked input."""
+
+    def __init__(self, encoders: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        if not isinstance(encoders, Mapping) or not encoders:
+            raise ValueError(f"Invalid encoders: {encoders!r}; allowed: a non-empty dict {{modality: nn.Module}}")
+        self.encoders = nn.ModuleDict(dict(encoders))
+        self.dims = _feature_dims(self.encoders)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.encoders)
+
+    def _features(self, x: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if set(x) != set(self.encoders):
+            raise ValueError(f"Invalid input: modalities {sorted(x)}; allowed: exactly {sorted(self.encoders)}")
+        return {m: enc(x[m]) for m, enc in self.encoders.items()}
+
+
+class MultimodalNet(_EncoderNet):
+    """``encoders[m](x[m]) -> z_m``, then a :class:`ConcatFusion` head on ``[z_1; ...; z_M]``.
+
+    Pass ``model.encoders`` and ``model.head`` to :func:`~masked_optim.modality_param_groups`.
+    """
+
+    def __init__(self, encoders: Mapping[str, nn.Module], num_classes: int) -> None:
+        super().__init__(encoders)
+        self.head = ConcatFusion(self.dims, num_classes)
+
+    def forward(self, x: Mapping[str, Tensor]) -> ModelOutput:
+        features = self._features(x)
+        out: FusionOutput = self.head(features)
+        return ModelOutput(out.logits, out.modality_logits, features)
+
+
+class AttentionFusionNet(_EncoderNet):
     """``encoders[m](x[m]) -> z_m``, each projected to a token, fused by one multi-head self-attention layer.
 
     The tokens ``t_m = W_m z_m + e_m`` (a linear projection per modality plus a learned modality
@@ -128,28 +134,18 @@ class AttentionFusionNet(nn.Module):
     """
 
     def __init__(self, encoders: Mapping[str, nn.Module], num_classes: int, *, token_dim: int = 32, heads: int = 4) -> None:
-        super().__init__()
-        if not isinstance(encoders, Mapping) or not encoders:
-            raise ValueError(f"Invalid encoders: {encoders!r}; allowed: a non-empty dict {{modality: nn.Module}}")
         _positive_int("token_dim", token_dim)
         if _positive_int("heads", heads) > token_dim or token_dim % heads:
             raise ValueError(f"Invalid heads: {heads!r}; allowed: a divisor of token_dim = {token_dim}")
-        self.encoders = nn.ModuleDict(dict(encoders))
-        self.dims = _feature_dims(self.encoders)
+        super().__init__(encoders)
         self.proj = nn.ModuleDict({m: nn.Linear(d, token_dim) for m, d in self.dims.items()})
         self.embed = nn.Parameter(torch.zeros(len(self.dims), token_dim))
         self.attn = nn.MultiheadAttention(token_dim, heads, batch_first=True)
         self.norm = nn.LayerNorm(token_dim)
         self.classifier = nn.Linear(token_dim, _positive_int("num_classes", num_classes))
 
-    @property
-    def modalities(self) -> list[str]:
-        return list(self.encoders)
-
     def forward(self, x: Mapping[str, Tensor]) -> ModelOutput:
-        if set(x) != set(self.encoders):
-            raise ValueError(f"Invalid input: modalities {sorted(x)}; allowed: exactly {sorted(self.encoders)}")
-        features = {m: enc(x[m]) for m, enc in self.encoders.items()}
+        features = self._features(x)
         tokens = torch.stack([self.proj[m](features[m]) for m in self.encoders], 1) + self.embed
         mixed, _ = self.attn(tokens, tokens, tokens, need_weights=False)
         fused = self.norm(tokens + mixed).mean(1)
