@@ -10,6 +10,7 @@ import torch
 
 from masked_optim import MaskedMultiModalAdamW, MaskedMultiModalSGD, masked_adamw, modality_param_groups
 from masked_optim.backends import BackendUnavailable, backend_status
+from masked_optim.functional import inclusion_probability, inclusion_scalars, unit_scores
 from masked_optim.rng import derive_key
 from tolerances import TOLERANCES, assert_close_normwise
 
@@ -181,11 +182,12 @@ def test_unkept_units_are_untouched_and_kept_units_take_the_adamw_step(mask, gra
     for i in (1, 2) + ((3,) if amsgrad else ()):  # kept moments: exactly AdamW's
         assert_close_normwise(out[i][moved], dense[i][moved])
     delta, dense_delta = out[0] - p, dense[0] - p
-    if mask == "amss+":  # weight 1/q: recover q from the reference mask's scalars
-        ratio = delta[moved] / dense_delta[moved]
-        assert (ratio >= 1 - 1e-4).all()  # 1/q >= 1
-    else:
-        assert_close_normwise(delta[moved], dense_delta[moved])
+    if mask == "amss+":  # kept units move 1/q times AdamW's step, q from the mask's own scalars
+        scores = unit_scores(g, granularity)
+        q = inclusion_probability(scores, *inclusion_scalars(scores, 0.4, 0.5))
+        weight = q.view(-1, 1).expand(shape) if granularity == "channel" else q.view(shape)
+        dense_delta = dense_delta / weight
+    assert_close_normwise(delta[moved], dense_delta[moved])
 
 
 @pytest.mark.parametrize("granularity", ["element", "channel"])
@@ -284,9 +286,10 @@ def test_resume_is_bit_identical(backend, mask):
     _train(factory, 4, enc2, head2, start=4, opt=opt2)
     for p, q in zip(_params(full[0], full[1]), _params(enc2, head2)):
         assert torch.equal(p, q)
-    assert not all(torch.equal(p, q) for p, q in zip(_params(full[0], full[1]), _params(*_train(
-        lambda e, h: MaskedMultiModalAdamW(modality_param_groups({"a": e["a"], "b": e["b"]}, shared=h), lr=0.01,
-                                           mask=mask, seed=5, backend=backend, amsgrad=True), 8)[:2]))) or mask == "scale"
+    if mask != "scale":  # and the masks mattered: another seed ends elsewhere (scale draws nothing)
+        other = _train(lambda e, h: MaskedMultiModalAdamW(modality_param_groups({"a": e["a"], "b": e["b"]}, shared=h),
+                                                          lr=0.01, mask=mask, seed=5, backend=backend, amsgrad=True), 8)
+        assert not all(torch.equal(p, q) for p, q in zip(_params(full[0], full[1]), _params(*other[:2])))
 
 
 @pytest.mark.parametrize("backend", [b for b in _backends() if b.values[0] != "reference"])
