@@ -15,6 +15,7 @@ accuracy and a checksum of the gathered parameters: they agree across ranks.
 from __future__ import annotations
 
 import argparse
+import gc
 import socket
 
 import torch
@@ -30,6 +31,21 @@ from masked_optim.experiments.data import load_dataset
 def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.world)
+    # Training runs in its own function, so that the DDP/FSDP wrappers, which hold the process group,
+    # are freed here, while the group is alive: freed after destroy_process_group (when the worker's
+    # frame is cleared), a DDP reducer now and then hung the process at exit (1 run in 5, 2026-12-05).
+    line = train(rank, args)
+    gc.collect()
+    lines = [None] * args.world
+    dist.all_gather_object(lines, line)  # printed by one process, so the lines never interleave
+    if rank == 0:
+        print("\n".join(lines), flush=True)
+    dist.barrier()  # no rank tears gloo down while another still uses it (that aborted a rank now and then)
+    dist.destroy_process_group()
+
+
+def train(rank: int, args: argparse.Namespace) -> str:
+    """Train on this rank's share of every batch; return the line that rank 0 prints for this rank."""
     data = load_dataset("synthetic:xor")
     (x_train, y_train), (x_test, y_test) = data.train, data.test
     torch.manual_seed(0)  # the same initial model on every rank
@@ -71,13 +87,7 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
         acc = (net(x_test).logits.argmax(1) == y_test).float().mean().item()
         full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
         checksum = sum(float(p.double().sum()) for p in full)
-    line = f"rank {rank}: {args.parallel} {args.amp} test accuracy {acc:.4f} rates {rates} param checksum {checksum:.10f}"
-    lines = [None] * args.world
-    dist.all_gather_object(lines, line)  # printed by one process, so the lines never interleave
-    if rank == 0:
-        print("\n".join(lines), flush=True)
-    dist.barrier()  # no rank tears gloo down while another still uses it (that aborted a rank now and then)
-    dist.destroy_process_group()
+    return f"rank {rank}: {args.parallel} {args.amp} test accuracy {acc:.4f} rates {rates} param checksum {checksum:.10f}"
 
 
 def main(argv=None) -> None:

@@ -112,9 +112,12 @@ def test_the_readme_distributed_example_runs_and_ranks_agree(parallel, amp):
     # Python traceback: 1 run in 4 before the barrier before destroy_process_group, and once in about
     # 35 runs since (2026-12-04, the extension-disabled CI pass on a loaded 2-core VM). That abort,
     # and only that, earns one rerun; any other failure, or the same abort twice, fails.
+    # A run takes ~7 s. The limit is short so that a hang (a DDP reducer freed after
+    # destroy_process_group hung 5 runs in 20 at exit, and a CI run, until the example freed it first)
+    # fails in minutes, not at the CI's limit.
     for attempt in range(2):
         run = subprocess.run([sys.executable, str(script), "--parallel", parallel, "--amp", amp, "--epochs", "1"],
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=120)
         if run.returncode == 0 or "terminate called without an active exception" not in run.stderr:
             break
     assert run.returncode == 0, f"attempt {attempt + 1}: stdout {run.stdout[-1000:]!r}\nstderr {run.stderr[-2000:]}"
