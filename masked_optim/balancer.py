@@ -3,14 +3,15 @@
 The three-piece recipe of the README (parameter groups by modality, slice logits of the head, the
 estimator feeding ``set_rates``) made from the model's named submodules, with its checks: every
 trainable parameter of the model is in exactly one group (the encoders' by modality, every other
-one shared), errors name parameters by their qualified name, and the slices are checked against
+one shared, unless ``shared=`` / ``assign=`` say otherwise for a tied or modality-specific
+parameter), errors name parameters by their qualified name, and the slices are checked against
 the fused logits (docs/algorithm.md §3.7), so features passed in another order than the head's
 cannot silently give wrong rates.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,7 @@ __all__ = ["Balancer"]
 
 _OPTIMIZERS = {"sgd": MaskedMultiModalSGD, "adamw": MaskedMultiModalAdamW}
 SIGNALS = ("slices", "probes")
+Spec = Union[str, nn.Module, nn.Parameter]  # a qualified name, a submodule or a parameter of the model
 
 
 class Balancer:
@@ -34,6 +36,14 @@ class Balancer:
         model: the whole model (its parameters are all optimised: the encoders' by modality, the
             rest shared and dense).
         encoders: ``{modality: submodule or its qualified name}`` (``"enc.audio"``), one per modality.
+        shared: parameters that sit inside the encoders but that every modality uses (a tied
+            embedding, a projection two encoders share): qualified names of parameters or
+            submodules, or the objects. They go to the shared group, which is never masked or
+            scaled (rate 1). Without it a parameter in two encoders is an error naming it.
+        assign: ``{parameter or submodule (name or object): modality}``: put it in that modality's
+            group, rebalanced at its rate, wherever it sits (e.g. a per-modality input projection of
+            the fusion, which would otherwise be shared). See docs/guide.md, "Tied and shared
+            parameters".
         head: the fusion head whose slices give each modality's logits: an ``nn.Linear`` over the
             concatenated features, a :class:`~masked_optim.ConcatFusion`, or its qualified name; or
             ``None`` when the model has no such head (pass per-modality logits to :meth:`update_rates`).
@@ -66,6 +76,8 @@ class Balancer:
         encoders: Mapping[str, Union[str, nn.Module]],
         head: Union[str, nn.Module, None] = None,
         *,
+        shared: Iterable[Spec] = (),
+        assign: Optional[Mapping[Spec, str]] = None,
         optimizer: Union[str, Callable[[list[dict[str, Any]]], torch.optim.Optimizer]] = "sgd",
         estimator: Optional[ModalSignificance] = None,
         signal: str = "slices",
@@ -86,7 +98,8 @@ class Balancer:
                 f"Invalid head: {type(self.head).__name__}; allowed: an nn.Linear over the concatenated features, a "
                 "ConcatFusion, or None (then pass modality_logits to update_rates)"
             )
-        self.groups = self._groups()
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        self.groups = self._groups(self._placed(shared, assign))
         if isinstance(optimizer, str):
             if optimizer not in _OPTIMIZERS:
                 raise ValueError(f"Invalid optimizer: {optimizer!r}; allowed: one of {sorted(_OPTIMIZERS)}, or a callable")
@@ -128,28 +141,81 @@ class Balancer:
             return spec
         raise TypeError(f"Invalid {what}: {type(spec).__name__}; allowed: a submodule of the model or its qualified name")
 
-    def _groups(self) -> list[dict[str, Any]]:
-        """One group per modality (its encoder's trainable parameters), one shared group (every other
-        trainable parameter of the model); a parameter in two encoders is an error naming it."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
+    def _params_of(self, what: str, spec: Spec) -> list[nn.Parameter]:
+        """The trainable parameters a ``shared`` / ``assign`` entry names (a parameter or a submodule)."""
+        if isinstance(spec, nn.Parameter):
+            if id(spec) not in self._names:
+                raise ValueError(f"Invalid {what}: a parameter of shape {tuple(spec.shape)} that is not in the model; "
+                                 "allowed: one of its parameters or submodules, or a qualified name")
+            params = [spec]
+        elif isinstance(spec, str):
+            try:
+                params = [self.model.get_parameter(spec)]
+            except AttributeError:
+                params = list(self._submodule(what, spec).parameters())
+        elif isinstance(spec, nn.Module):
+            params = list(self._submodule(what, spec).parameters())
+        else:
+            raise TypeError(f"Invalid {what}: {type(spec).__name__}; allowed: a qualified name, a submodule or a parameter of the model")
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            raise ValueError(f"Invalid {what}: {spec if isinstance(spec, str) else type(spec).__name__!r} has no trainable parameter")
+        return params
+
+    def _placed(self, shared: Iterable[Spec], assign: Optional[Mapping[Spec, str]]) -> dict[int, Optional[str]]:
+        """``{id(parameter): modality or None}`` from ``shared`` and ``assign``; one place per parameter."""
+        if isinstance(shared, (str, nn.Module)):
+            shared = [shared]  # one name or module, not an iterable of characters or children
+        if assign is None:
+            assign = {}
+        if not isinstance(assign, Mapping):
+            raise TypeError(f"Invalid assign: {type(assign).__name__}; allowed: a dict {{parameter or submodule: modality}}")
+        placed: dict[int, Optional[str]] = {}
+        entries = [(f"shared[{i}]", spec, None) for i, spec in enumerate(shared)]
+        for spec, modality in assign.items():
+            key = spec if isinstance(spec, str) else type(spec).__name__
+            if modality not in self.encoders:
+                raise ValueError(f"Invalid assign[{key!r}]: {modality!r}; allowed: one of the encoders' modalities {sorted(self.encoders)}")
+            entries.append((f"assign[{key!r}]", spec, modality))
+        for what, spec, modality in entries:
+            for p in self._params_of(what, spec):
+                if id(p) in placed and placed[id(p)] != modality:
+                    raise ValueError(f"Invalid {what}: parameter {self._names[id(p)]!r} is also placed in "
+                                     f"{_group_name(placed[id(p)])}; allowed: one place per parameter")
+                placed[id(p)] = modality
+        return placed
+
+    def _groups(self, placed: Mapping[int, Optional[str]]) -> list[dict[str, Any]]:
+        """One group per modality (its encoder's trainable parameters and those assigned to it), one
+        shared group (every other trainable parameter of the model, and those named in ``shared``);
+        a parameter in two encoders, and in neither ``shared`` nor ``assign``, is an error naming it."""
         owner: dict[int, str] = {}
-        groups = []
         for modality, module in self.encoders.items():
             params = [p for p in module.parameters() if p.requires_grad]
-            for p in params:
-                if id(p) in owner:
-                    raise ValueError(
-                        f"Invalid encoders: parameter {names.get(id(p), tuple(p.shape))!r} is in the encoders of both "
-                        f"{owner[id(p)]!r} and {modality!r}; allowed: each parameter in one modality (a weight both "
-                        "modalities use belongs in the shared part of the model)"
-                    )
-                owner[id(p)] = modality
             if not params:
                 raise ValueError(f"Invalid encoders[{modality!r}]: a module without trainable parameters")
+            for p in params:
+                if id(p) in owner and id(p) not in placed:
+                    name = self._names[id(p)]
+                    raise ValueError(
+                        f"Invalid encoders: parameter {name!r} is in the encoders of both {owner[id(p)]!r} and "
+                        f"{modality!r}; allowed: each parameter in one modality. A weight both modalities use "
+                        f"(tied): pass shared=[{name!r}] (trained dense, never masked), or assign={{{name!r}: "
+                        "<modality>}} to rebalance it at one modality's rate"
+                    )
+                owner[id(p)] = modality
+        owner.update({k: m for k, m in placed.items() if m is not None})
+        where = {k: m for k, m in owner.items() if placed.get(k, m) is not None}  # `shared` wins over an encoder
+        groups = []
+        for modality in self.encoders:
+            params = [p for p in self.model.parameters() if p.requires_grad and where.get(id(p)) == modality]
+            if not params:
+                raise ValueError(f"Invalid shared: every trainable parameter of encoders[{modality!r}] is shared; "
+                                 "allowed: leave each modality at least one parameter of its own")
             groups.append({"params": params, "modality": modality})
-        shared = [p for p in self.model.parameters() if p.requires_grad and id(p) not in owner]
-        if shared:
-            groups.append({"params": shared, "modality": None})
+        rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in where]
+        if rest:
+            groups.append({"params": rest, "modality": None})
         return groups
 
     def parameter_modality(self) -> dict[str, Optional[str]]:
@@ -241,3 +307,7 @@ class Balancer:
                 p = state["probes"]
                 self.probes = ModalityProbes(dict(p["dims"]), int(p["num_classes"]), **self._probe_options)
             self.probes.load_state_dict(state["probes"])
+
+
+def _group_name(modality: Optional[str]) -> str:
+    return "shared" if modality is None else f"assign (modality {modality!r})"

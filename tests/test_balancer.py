@@ -175,3 +175,80 @@ def test_probe_signal_options_are_checked():
         lazy.update_rates(feats, y)
     with pytest.raises(ValueError, match="holds probes but this Balancer has signal='slices'"):
         Balancer(model, enc, lr=0.1).load_state_dict(bal.state_dict())
+
+
+class TiedNet(nn.Module):
+    """Both encoders end in the same projection (a tied weight), and a fusion layer reads only audio."""
+
+    def __init__(self):
+        super().__init__()
+        tied = nn.Linear(8, 8)
+        self.enc = nn.ModuleDict({"audio": nn.Sequential(nn.Linear(6, 8), nn.ReLU(), tied),
+                                  "image": nn.Sequential(nn.Linear(4, 8), nn.ReLU(), tied)})
+        self.audio_gate = nn.Linear(8, 8)  # outside the encoders, fed by audio's features only
+        self.head = ConcatFusion({"audio": 8, "image": 8}, 3)
+
+    def forward(self, x):
+        feats = {"audio": self.audio_gate(self.enc["audio"](x["audio"])), "image": self.enc["image"](x["image"])}
+        return feats, self.head(feats).logits
+
+
+def test_a_tied_weight_is_an_error_that_says_what_to_do():
+    with pytest.raises(ValueError, match=r"parameter 'enc.audio.2.weight' is in the encoders of both 'audio' and 'image'; "
+                                         r"allowed: each parameter in one modality\. A weight both modalities use \(tied\): "
+                                         r"pass shared=\['enc.audio.2.weight'\] \(trained dense, never masked\), or "
+                                         r"assign=\{'enc.audio.2.weight': <modality>\}"):
+        Balancer(TiedNet(), {"audio": "enc.audio", "image": "enc.image"}, head="head")
+
+
+@pytest.mark.parametrize("how", ["shared", "assign"])
+def test_shared_trains_a_tied_weight_dense_and_assign_at_its_modality_rate(how):
+    """A ``shared`` weight takes torch.optim.SGD's step whatever the rates; an assigned one its modality's
+    (``mask="scale"``: SGD with ``lr * rate``), as do the rest of its modality's parameters."""
+    torch.manual_seed(0)
+    model = TiedNet()
+    spec = {"shared": {"shared": ["enc.image.2"]},  # the module, by its other name: both its parameters
+            "assign": {"assign": {"enc.audio.2": "image", model.audio_gate.weight: "audio"}}}[how]
+    bal = Balancer(model, {"audio": "enc.audio", "image": "enc.image"}, head="head", lr=0.1, mask="scale", **spec)
+    where = bal.parameter_modality()
+    tied_group = None if how == "shared" else "image"
+    assert where["enc.audio.2.weight"] == where["enc.audio.2.bias"] == tied_group
+    assert where["enc.audio.0.weight"] == "audio" and where["enc.image.0.weight"] == "image"
+    assert where["audio_gate.weight"] == ("audio" if how == "assign" else None) and where["audio_gate.bias"] is None
+    assert sum(len(g["params"]) for g in bal.optimizer.param_groups) == len(list(model.parameters()))  # each once
+    x, y = _batch(0)
+    feats, logits = model(x)
+    nn.functional.cross_entropy(logits, y).backward()
+    rate = {"audio": 0.25, "image": 0.5, None: 1.0}
+    before = {n: (p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters()}
+    bal.optimizer.step(rates={"audio": 0.25, "image": 0.5})
+    for n, p in model.named_parameters():
+        p0, g = before[n]
+        # plain SGD (no momentum, no decay) at lr * rate: p - lr * rate * g, rounded as torch rounds it
+        expected = p0.add(g, alpha=-0.1 * rate[where[n]])
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=0, msg=n)
+
+
+def test_shared_and_assign_are_checked():
+    model = TiedNet()
+    encs = {"audio": "enc.audio", "image": "enc.image"}
+    with pytest.raises(ValueError, match=r"Invalid assign\['audio_gate'\]: 'video'; allowed: one of the encoders' modalities \['audio', 'image'\]"):
+        Balancer(model, encs, head="head", shared=["enc.audio.2"], assign={"audio_gate": "video"})
+    with pytest.raises(ValueError, match=r"Invalid assign\['enc.image.2.bias'\]: parameter 'enc.audio.2.bias' is also placed in shared; allowed: one place per parameter"):
+        Balancer(model, encs, head="head", shared=["enc.audio.2"], assign={"enc.image.2.bias": "audio"})
+    with pytest.raises(ValueError, match=r"Invalid shared\[0\]: 'enc.audio.9' is not a submodule of the model"):
+        Balancer(model, encs, head="head", shared=["enc.audio.9"])
+    with pytest.raises(ValueError, match=r"Invalid shared\[1\]: a parameter of shape \(2,\) that is not in the model"):
+        Balancer(model, encs, head="head", shared=["enc.audio.2", nn.Parameter(torch.zeros(2))])
+    with pytest.raises(TypeError, match=r"Invalid shared\[0\]: int; allowed: a qualified name, a submodule or a parameter"):
+        Balancer(model, encs, head="head", shared=[3])
+    with pytest.raises(ValueError, match=r"Invalid shared\[0\]: 'enc.audio.1' has no trainable parameter"):
+        Balancer(model, encs, head="head", shared=["enc.audio.1"])
+    with pytest.raises(TypeError, match=r"Invalid assign: list; allowed: a dict \{parameter or submodule: modality\}"):
+        Balancer(model, encs, head="head", shared=["enc.audio.2"], assign=[("audio_gate", "audio")])
+    with pytest.raises(ValueError, match=r"Invalid shared: every trainable parameter of encoders\['image'\] is shared; "
+                                         r"allowed: leave each modality at least one parameter of its own"):
+        Balancer(model, encs, head="head", shared=["enc.image"])
+    # one name, not a list of one: the same as the list
+    one = Balancer(model, encs, head="head", shared="enc.audio.2")
+    assert one.parameter_modality() == Balancer(model, encs, head="head", shared=["enc.audio.2"]).parameter_modality()
