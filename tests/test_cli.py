@@ -305,14 +305,14 @@ def test_cli_attention_fusion_with_probe_signal_trains_joint_and_scale(tmp_path,
     assert main(["train", "--dataset", "synthetic:xor", "--method", "scale", "--fusion", "attention", "--signal", "probes",
                  "--epochs", "1", "--no-probe", "--quiet", "--json", str(path)]) == 0
     run = json.loads(path.read_text())
-    assert (run["config"]["fusion"], run["config"]["signal"]) == ("attention", "probes")
+    assert (run["config"]["fusion"], run["config"]["signal"], run["config"]["probe_lr"]) == ("attention", "probes", 0.01)
     assert set(run["test"]["slice_accuracy"]) == set(run["modalities"]) and run["steps"] > 0
     assert all(0 < r <= 1 for r in run["mean_rates"].values())
     assert main(["compare", "--dataset", "synthetic:xor", "--methods", "joint,scale", "--seeds", "1", "--epochs", "1",
-                 "--fusion", "attention", "--signal", "probes", "--no-probe", "--quiet", "--no-plot",
+                 "--fusion", "attention", "--signal", "probes", "--probe-lr", "0.03", "--no-probe", "--quiet", "--no-plot",
                  "--out", str(tmp_path), "--name", "c"]) == 0
     c = json.loads((tmp_path / "c.json").read_text())
-    assert {(r["config"]["fusion"], r["config"]["signal"]) for r in c["runs"]} == {("attention", "probes")}
+    assert {(r["config"]["fusion"], r["config"]["signal"], r["config"]["probe_lr"]) for r in c["runs"]} == {("attention", "probes", 0.03)}
     assert {r["config"]["method"] for r in c["runs"]} == {"joint", "scale"}
     with pytest.raises(SystemExit) as exc:
         main(["train", "--dataset", "synthetic:xor", "--fusion", "attention", "--epochs", "1", "--quiet"])

@@ -296,3 +296,18 @@ def test_invalid_checkpoint_options(tiny, tmp_path):
         train(config("joint"), tiny, checkpoint=tmp_path)
     with pytest.raises(TypeError, match=r"Invalid resume: 3"):
         train(config("joint"), tiny, resume=3)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "attention"])
+def test_resume_with_the_probe_signal_is_bit_identical(tiny, tmp_path, fusion):
+    """The online probes (their weights, their optimizer's momentum, the best epoch's copy) cross the
+    checkpoint: an interrupted run resumed gives the uninterrupted one's result, model and optimizer
+    state. ``probe_lr`` is not the default, so a probe state rebuilt from defaults would differ."""
+    cfg = config("scale", fusion=fusion, signal="probes", probe_lr=0.05)
+    path = tmp_path / "run.pt"
+    interrupt_after(cfg, tiny, path)
+    assert load_checkpoint(path)["probes"] is not None
+    torch.manual_seed(12345)
+    resumed = run(cfg, tiny, resume=path, checkpoint=path)
+    assert_same_run(resumed, full_run(cfg, tiny))
+    assert resumed[0]["config"]["probe_lr"] == 0.05

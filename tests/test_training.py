@@ -411,3 +411,20 @@ def test_probe_slice_accuracies_are_those_of_the_selected_epoch(tiny):
     assert r["val"]["accuracy"] == row["val"]["fused"]
     assert r["val"]["slice_accuracy"] == {m: row["val"][m] for m in r["modalities"]}
     assert r["best_epoch"] < 4  # not the last epoch: the probes' last weights would give other accuracies
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, float("nan"), True, "0.1"])
+def test_probe_lr_is_checked(bad):
+    with pytest.raises(ValueError, match=rf"Invalid probe_lr: {bad!r}; allowed: a finite number > 0".replace("(", r"\(")):
+        TrainConfig(dataset="synthetic:xor", signal="probes", probe_lr=bad).resolved()
+
+
+def test_probe_lr_reaches_the_probes(tiny):
+    """The probes' lr changes the probe-reported accuracies, and nothing of the model (they train on
+    detached features and feed only the estimator, whose rates move the model: so under joint, whose
+    rates are 1, the model is the same)."""
+    a = run(tiny, "joint", signal="probes", epochs=2)
+    b = run(tiny, "joint", signal="probes", epochs=2, probe_lr=0.1)
+    assert (a["config"]["probe_lr"], b["config"]["probe_lr"]) == (0.01, 0.1)
+    assert a["val"]["accuracy"] == b["val"]["accuracy"] and a["test"]["accuracy"] == b["test"]["accuracy"]
+    assert a["val"]["slice_accuracy"] != b["val"]["slice_accuracy"]

@@ -5,10 +5,10 @@ None of it is needed to use the optimizer: ``import masked_optim`` imports torch
 subpackage is imported only when asked for (``masked_optim.experiments``, the ``masked-optim``
 command). The datasets need the ``data`` extra (numpy, matplotlib)::
 
-    from masked_optim.experiments import TrainConfig, train, OGMGE, DiagnoseRelearn, MultimodalNet
+    from masked_optim.experiments import TrainConfig, train, OGMGE, DiagnoseRelearn, MultimodalNet, AttentionFusionNet
 """
 
-from .models import MultimodalNet, build_model
+from .models import AttentionFusionNet, MultimodalNet, build_model
 from .modulation import OGMGE, ModulationStats
 from .relearn import DiagnoseRelearn, Diagnosis
 from .training import TrainConfig, train
@@ -19,6 +19,7 @@ __all__ = [
     "DiagnoseRelearn",
     "Diagnosis",
     "MultimodalNet",
+    "AttentionFusionNet",
     "build_model",
     "TrainConfig",
     "train",

@@ -90,6 +90,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--signal", default=d.signal, choices=["slices", "probes"],
                    help="per-modality logits for the estimator and per-modality accuracies: the concat head's slices, "
                         "or linear probes trained online on detached features (docs/algorithm.md §3.8) (default %(default)s)")
+    p.add_argument("--probe-lr", type=float, default=d.probe_lr,
+                   help="the probes' own SGD learning rate (--signal probes only; default %(default)s)")
     g = p.add_argument_group("keep-rate estimator (ModalSignificance, docs/algorithm.md §3)")
     g.add_argument("--temperature", type=float, default=d.temperature)
     g.add_argument("--offset", type=float, default=d.offset)
@@ -131,7 +133,7 @@ def _config_from(args: argparse.Namespace, **extra):
         ogm_alpha=args.ogm_alpha, ogm_start=args.ogm_start, ogm_end=args.ogm_end, relearn_lam=args.relearn_lam,
         relearn_every=args.relearn_every, relearn_times=args.relearn_times, relearn_reset_buffers=args.relearn_reset_buffers,
         relearn_reset_optimizer=args.relearn_reset_optimizer, probe=not args.no_probe, fusion=args.fusion,
-        signal=args.signal, **extra,
+        signal=args.signal, probe_lr=args.probe_lr, **extra,
     )
 
 

@@ -166,7 +166,8 @@ class TrainConfig:
     estimator, OGM-GE and the per-modality accuracies come from: ``"slices"`` (default; the concat
     head's slices) or ``"probes"`` (:class:`~masked_optim.ModalityProbes` with its default options,
     trained online on the detached features every step, for every method; docs/algorithm.md §3.8).
-    ``fusion="attention"`` needs ``signal="probes"``.
+    ``fusion="attention"`` needs ``signal="probes"``. ``probe_lr`` is the probes' own SGD learning
+    rate (``ModalityProbes``' default 0.01; used only with ``signal="probes"``).
     """
 
     dataset: str = "mfeat:fac+zer"
@@ -207,6 +208,7 @@ class TrainConfig:
     probe: bool = True
     fusion: str = "concat"
     signal: str = "slices"
+    probe_lr: float = 0.01
 
     def resolved(self) -> "TrainConfig":
         """A copy with the dataset defaults filled in and every field validated."""
@@ -235,6 +237,8 @@ class TrainConfig:
             raise ValueError(f"Invalid fusion: {out.fusion!r}; allowed: one of {list(FUSIONS)}")
         if out.signal not in SIGNALS:
             raise ValueError(f"Invalid signal: {out.signal!r}; allowed: one of {list(SIGNALS)}")
+        if isinstance(out.probe_lr, bool) or not (isinstance(out.probe_lr, (int, float)) and math.isfinite(out.probe_lr) and out.probe_lr > 0):
+            raise ValueError(f"Invalid probe_lr: {out.probe_lr!r}; allowed: a finite number > 0")
         if out.fusion != "concat" and out.signal == "slices":
             raise ValueError(f"Invalid signal: 'slices' with fusion {out.fusion!r}, which has no slice logits; "
                              "allowed: signal='probes' (or fusion='concat')")
@@ -412,6 +416,8 @@ def _check_resumable(state: Mapping[str, Any], config: TrainConfig, path: str) -
         saved.update(optimizer="sgd", adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8)
     if "fusion" not in saved and "method" in saved:  # written before fusion and signal were selectable
         saved.update(fusion="concat", signal="slices")
+    if "probe_lr" not in saved and "signal" in saved:  # written before the probes' lr was an option: the default
+        saved["probe_lr"] = 0.01
     diffs = []
     for key in [*current, *(k for k in saved if k not in current)]:
         if key in RESUME_MAY_CHANGE:
@@ -571,7 +577,7 @@ def _train(config, data, progress, on_epoch_end, checkpoint, checkpoint_every, s
     model, optimizer, estimator, modulation, relearner = _build(config, data)
     probes = None  # built without random numbers: the default path's RNG use is unchanged
     if config.signal == "probes":
-        probes = ModalityProbes(_feature_dims(model), data.num_classes)
+        probes = ModalityProbes(_feature_dims(model), data.num_classes, lr=config.probe_lr)
     modalities = model.modalities
     x_train, y_train = data.train
     n_train = y_train.shape[0]
