@@ -303,9 +303,10 @@ def test_cli_attention_fusion_with_probe_signal_trains_joint_and_scale(tmp_path,
 
     path = tmp_path / "run.json"
     assert main(["train", "--dataset", "synthetic:xor", "--method", "scale", "--fusion", "attention", "--signal", "probes",
-                 "--epochs", "1", "--no-probe", "--quiet", "--json", str(path)]) == 0
+                 "--fusion-params", "modality", "--epochs", "1", "--no-probe", "--quiet", "--json", str(path)]) == 0
     run = json.loads(path.read_text())
     assert (run["config"]["fusion"], run["config"]["signal"], run["config"]["probe_lr"]) == ("attention", "probes", 0.01)
+    assert run["config"]["fusion_params"] == "modality"
     assert set(run["test"]["slice_accuracy"]) == set(run["modalities"]) and run["steps"] > 0
     assert all(0 < r <= 1 for r in run["mean_rates"].values())
     assert main(["compare", "--dataset", "synthetic:xor", "--methods", "joint,scale", "--seeds", "1", "--epochs", "1",

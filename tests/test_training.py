@@ -428,3 +428,37 @@ def test_probe_lr_reaches_the_probes(tiny):
     assert (a["config"]["probe_lr"], b["config"]["probe_lr"]) == (0.01, 0.1)
     assert a["val"]["accuracy"] == b["val"]["accuracy"] and a["test"]["accuracy"] == b["test"]["accuracy"]
     assert a["val"]["slice_accuracy"] != b["val"]["slice_accuracy"]
+
+
+def test_fusion_params_puts_the_attention_projections_in_their_modality(tiny, monkeypatch):
+    """``fusion_params="modality"``: each token projection of the attention fusion is in its modality's
+    group (rebalanced at its rate), the rest of the fusion shared; ``"shared"`` (default) keeps them shared."""
+    from masked_optim.experiments import training
+
+    seen = {}
+    build = training._build
+
+    def spy(config, data):
+        built = build(config, data)
+        seen[config.fusion_params] = built
+        return built
+
+    monkeypatch.setattr(training, "_build", spy)
+    for how in ("shared", "modality"):
+        run(tiny, "scale", fusion="attention", signal="probes", fusion_params=how, epochs=1)
+    for how, built in seen.items():
+        model, optimizer = built[0], built[1]
+        of = {id(p): g["modality"] for g in optimizer.param_groups for p in g["params"]}
+        assert len(of) == len(list(model.parameters()))  # every parameter in exactly one group
+        for m in model.encoders:
+            for p in model.proj[m].parameters():
+                assert of[id(p)] == (m if how == "modality" else None)
+            assert all(of[id(p)] == m for p in model.encoders[m].parameters())
+        assert all(of[id(p)] is None for p in model.attn.parameters())
+
+
+def test_fusion_params_is_checked():
+    with pytest.raises(ValueError, match=r"Invalid fusion_params: 'both'; allowed: one of \['shared', 'modality'\]"):
+        TrainConfig(dataset="synthetic:xor", fusion_params="both").resolved()
+    with pytest.raises(ValueError, match=r"Invalid fusion_params: 'modality' with fusion 'concat', whose head has no per-modality tensor"):
+        TrainConfig(dataset="synthetic:xor", fusion_params="modality").resolved()

@@ -92,6 +92,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                         "or linear probes trained online on detached features (docs/algorithm.md §3.8) (default %(default)s)")
     p.add_argument("--probe-lr", type=float, default=d.probe_lr,
                    help="the probes' own SGD learning rate (--signal probes only; default %(default)s)")
+    p.add_argument("--fusion-params", default=d.fusion_params, choices=["shared", "modality"],
+                   help="--fusion attention: its per-modality token projections in the shared group (dense) or each in "
+                        "its modality's group (rebalanced at its rate) (default %(default)s)")
     g = p.add_argument_group("keep-rate estimator (ModalSignificance, docs/algorithm.md §3)")
     g.add_argument("--temperature", type=float, default=d.temperature)
     g.add_argument("--offset", type=float, default=d.offset)
@@ -133,7 +136,7 @@ def _config_from(args: argparse.Namespace, **extra):
         ogm_alpha=args.ogm_alpha, ogm_start=args.ogm_start, ogm_end=args.ogm_end, relearn_lam=args.relearn_lam,
         relearn_every=args.relearn_every, relearn_times=args.relearn_times, relearn_reset_buffers=args.relearn_reset_buffers,
         relearn_reset_optimizer=args.relearn_reset_optimizer, probe=not args.no_probe, fusion=args.fusion,
-        signal=args.signal, probe_lr=args.probe_lr, **extra,
+        signal=args.signal, probe_lr=args.probe_lr, fusion_params=args.fusion_params, **extra,
     )
 
 

@@ -49,7 +49,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .data import MultimodalSplits, load_dataset
 from ..fusion import modality_param_groups
@@ -93,6 +93,7 @@ RULES = ("softmax", "ratio")  # ModalSignificance's rate rules, selectable per m
 OPTIMIZERS = ("sgd", "adamw")  # TrainConfig.optimizer: MaskedMultiModalSGD or MaskedMultiModalAdamW
 FUSIONS = ("concat", "attention")  # TrainConfig.fusion: build_model's fusion
 SIGNALS = ("slices", "probes")  # TrainConfig.signal: the estimator's per-modality logits
+FUSION_PARAMS = ("shared", "modality")  # TrainConfig.fusion_params: the attention fusion's per-modality projections
 
 # Per dataset family: epochs, learning rate and batch size. Synthetic: docs/algorithm.md §8. mfeat and watch:
 # the learning rate is the one joint training does best with on the validation split (docs/results.md,
@@ -167,7 +168,10 @@ class TrainConfig:
     head's slices) or ``"probes"`` (:class:`~masked_optim.ModalityProbes` with its default options,
     trained online on the detached features every step, for every method; docs/algorithm.md §3.8).
     ``fusion="attention"`` needs ``signal="probes"``. ``probe_lr`` is the probes' own SGD learning
-    rate (``ModalityProbes``' default 0.01; used only with ``signal="probes"``).
+    rate (``ModalityProbes``' default 0.01; used only with ``signal="probes"``). ``fusion_params``:
+    where the attention model's per-modality token projections go, ``"shared"`` (default: with the
+    rest of the fusion, dense) or ``"modality"`` (each in its modality's group, rebalanced at its
+    rate, as ``Balancer(assign=...)`` does; ``fusion="attention"`` only).
     """
 
     dataset: str = "mfeat:fac+zer"
@@ -209,6 +213,7 @@ class TrainConfig:
     fusion: str = "concat"
     signal: str = "slices"
     probe_lr: float = 0.01
+    fusion_params: str = "shared"
 
     def resolved(self) -> "TrainConfig":
         """A copy with the dataset defaults filled in and every field validated."""
@@ -239,6 +244,11 @@ class TrainConfig:
             raise ValueError(f"Invalid signal: {out.signal!r}; allowed: one of {list(SIGNALS)}")
         if isinstance(out.probe_lr, bool) or not (isinstance(out.probe_lr, (int, float)) and math.isfinite(out.probe_lr) and out.probe_lr > 0):
             raise ValueError(f"Invalid probe_lr: {out.probe_lr!r}; allowed: a finite number > 0")
+        if out.fusion_params not in FUSION_PARAMS:
+            raise ValueError(f"Invalid fusion_params: {out.fusion_params!r}; allowed: one of {list(FUSION_PARAMS)}")
+        if out.fusion_params == "modality" and out.fusion != "attention":
+            raise ValueError(f"Invalid fusion_params: 'modality' with fusion {out.fusion!r}, whose head has no "
+                             "per-modality tensor; allowed: fusion='attention' (or fusion_params='shared')")
         if out.fusion != "concat" and out.signal == "slices":
             raise ValueError(f"Invalid signal: 'slices' with fusion {out.fusion!r}, which has no slice logits; "
                              "allowed: signal='probes' (or fusion='concat')")
@@ -267,8 +277,11 @@ def _build(config: TrainConfig, data: MultimodalSplits):
         groups = modality_param_groups(model.encoders, shared=model.head)
     else:
         model = build_model(data.shapes, data.num_classes, config.fusion)
-        owned = {id(p) for p in model.encoders.parameters()}
-        groups = modality_param_groups(model.encoders, shared=[p for p in model.parameters() if id(p) not in owned])
+        parts = dict(model.encoders.items())
+        if config.fusion_params == "modality":  # each token projection with its modality's encoder
+            parts = {m: nn.ModuleList([model.encoders[m], model.proj[m]]) for m in model.encoders}
+        owned = {id(p) for part in parts.values() for p in part.parameters()}
+        groups = modality_param_groups(parts, shared=[p for p in model.parameters() if id(p) not in owned])
     common = dict(
         lr=config.lr, weight_decay=config.weight_decay, mask=method.mask, granularity=granularity,
         sampler=method.sampler, smoothing=config.smoothing, seed=config.seed,
@@ -418,6 +431,8 @@ def _check_resumable(state: Mapping[str, Any], config: TrainConfig, path: str) -
         saved.update(fusion="concat", signal="slices")
     if "probe_lr" not in saved and "signal" in saved:  # written before the probes' lr was an option: the default
         saved["probe_lr"] = 0.01
+    if "fusion_params" not in saved and "signal" in saved:  # written before fusion_params existed: shared
+        saved["fusion_params"] = "shared"
     diffs = []
     for key in [*current, *(k for k in saved if k not in current)]:
         if key in RESUME_MAY_CHANGE:
