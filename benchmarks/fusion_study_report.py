@@ -3,7 +3,9 @@
 Reads the JSONs of ``benchmarks/run_fusion_study.sh`` (first argument, default
 ``benchmarks/results/fusion_study``): per setting (``synthetic_xor``, ``synthetic_parity3``,
 ``watch``) and configuration (``concat_slices``, ``concat_probes``, ``attention_probes``) one compare
-of ``joint`` and the default ``scale@ratio``. Prints
+of ``joint`` and the default ``scale@ratio``; ``attention_probes_modality`` (the attention model's
+token projections rebalanced with their modality, ``--fusion-params modality``) has the default
+only, paired with ``attention_probes``' joint. Prints
 
 1. the default against joint in each configuration (paired by seed, fold and data draw, within one
    file): Δ test accuracy ± s.e., that in s.e., Δ of the weak modality's per-modality accuracy (the
@@ -29,7 +31,11 @@ from masked_optim.experiments.compare import validate_result
 from masked_optim.experiments.metrics import paired_difference
 
 SETTINGS = {"synthetic_xor": ("synthetic:xor", "b"), "synthetic_parity3": ("synthetic:parity3", "b"), "watch": ("watch", "gyro")}
-CONFIGS = {"concat_slices": "concat, slice signal", "concat_probes": "concat, probe signal", "attention_probes": "attention, probe signal"}
+CONFIGS = {"concat_slices": "concat, slice signal", "concat_probes": "concat, probe signal", "attention_probes": "attention, probe signal",
+           "attention_probes_modality": "attention, probe signal, projections by modality"}
+# A configuration that ran the default only takes its joint from another (the same model and data: joint
+# never reads which group a parameter is in, as every rate is 1).
+JOINT_FROM = {"attention_probes_modality": "attention_probes"}
 DEFAULT = "scale@ratio"
 
 
@@ -81,10 +87,10 @@ def main(out: str) -> int:
         row = [label]
         for s, (_, weak) in SETTINGS.items():
             runs = data[s, c]
-            if runs is None:
+            if runs is None or data[s, JOINT_FROM.get(c, c)] is None:
                 row.append("")
                 continue
-            joint, default = by_key(runs, "joint"), by_key(runs, DEFAULT)
+            joint, default = by_key(data[s, JOINT_FROM.get(c, c)], "joint"), by_key(runs, DEFAULT)
             d, se, n = paired(default, joint, acc)
             dw, sew, _ = paired(default, joint, weak_of(weak))
             verdicts[s, c] = (d, se)
@@ -107,6 +113,7 @@ def main(out: str) -> int:
         ("default: probe signal - slice signal (concat)", ("concat_probes", DEFAULT), ("concat_slices", DEFAULT)),
         ("joint: attention - concat", ("attention_probes", "joint"), ("concat_slices", "joint")),
         ("default: attention + probes - concat + slices", ("attention_probes", DEFAULT), ("concat_slices", DEFAULT)),
+        ("default, attention: projections by modality - shared", ("attention_probes_modality", DEFAULT), ("attention_probes", DEFAULT)),
     ]
     for label, (ca, ma), (cb, mb) in pairs:
         row = [label]
