@@ -164,8 +164,8 @@ class Balancer:
 
     def _placed(self, shared: Iterable[Spec], assign: Optional[Mapping[Spec, str]]) -> dict[int, Optional[str]]:
         """``{id(parameter): modality or None}`` from ``shared`` and ``assign``; one place per parameter."""
-        if isinstance(shared, (str, nn.Module)):
-            shared = [shared]  # one name or module, not an iterable of characters or children
+        if isinstance(shared, (str, nn.Module, nn.Parameter)):
+            shared = [shared]  # one name, module or parameter, not an iterable of characters, children or rows
         if assign is None:
             assign = {}
         if not isinstance(assign, Mapping):

@@ -252,3 +252,7 @@ def test_shared_and_assign_are_checked():
     # one name, not a list of one: the same as the list
     one = Balancer(model, encs, head="head", shared="enc.audio.2")
     assert one.parameter_modality() == Balancer(model, encs, head="head", shared=["enc.audio.2"]).parameter_modality()
+    tied = model.enc["audio"][2]
+    assert one.parameter_modality() == Balancer(model, encs, head="head", shared=tied).parameter_modality()
+    by_param = Balancer(model, encs, head="head", shared=[tied.weight, tied.bias]).parameter_modality()
+    assert one.parameter_modality() == by_param
