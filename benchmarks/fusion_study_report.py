@@ -22,13 +22,12 @@ Missing parts are left blank, so the report runs on a partial study.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
 
-from masked_optim.experiments.compare import validate_result
 from masked_optim.experiments.metrics import paired_difference
+from release_study_report import load as read_runs  # a sibling script: read and validate a compare JSON
 
 SETTINGS = {"synthetic_xor": ("synthetic:xor", "b"), "synthetic_parity3": ("synthetic:parity3", "b"), "watch": ("watch", "gyro")}
 CONFIGS = {"concat_slices": "concat, slice signal", "concat_probes": "concat, probe signal", "attention_probes": "attention, probe signal",
@@ -40,12 +39,8 @@ DEFAULT = "scale@ratio"
 
 
 def load(path: str) -> list[dict] | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path) as fh:
-        comparison = json.load(fh)
-    validate_result(comparison)
-    return comparison["runs"]
+    """The runs of one part (validated), or None while it has not finished."""
+    return read_runs(path) if os.path.isfile(path) else None
 
 
 def by_key(runs: list[dict], method: str) -> dict[tuple, dict]:
