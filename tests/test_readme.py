@@ -7,12 +7,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_usage_examples_run(capsys):
-    """The Balancer example (at most 15 lines), the by-hand example and the probe-signal example of
-    the Usage section all run."""
+    """The Balancer example (at most 15 lines) and the by-hand example of the Usage section both run."""
     text = (ROOT / "README.md").read_text()
     usage = text[text.index("## Usage"):text.index("## Which method should I use?")]
     blocks = re.findall(r"```python\n(.*?)```", usage, re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 2
     assert len([line for line in blocks[0].splitlines() if line.strip()]) <= 15
     for code in blocks:
         exec(compile(code, "README.md", "exec"), {})
