@@ -129,7 +129,7 @@ def main(out: str) -> int:
         if d <= -se:
             print(f"- {s}: the slice default loses ({d:+.2f} ± {se:.2f}): no requirement")
             continue
-        for c in ("concat_probes", "attention_probes"):
+        for c in ("concat_probes", "attention_probes", "attention_probes_modality"):
             if (s, c) in verdicts:
                 dp, sep = verdicts[s, c]
                 print(f"- {s}, {CONFIGS[c]}: {dp:+.2f} ± {sep:.2f} ({dp / sep:+.1f} s.e.): "

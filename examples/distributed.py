@@ -33,7 +33,7 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.world)
     # Training runs in its own function, so that the DDP/FSDP wrappers, which hold the process group,
     # are freed here, while the group is alive: freed after destroy_process_group (when the worker's
-    # frame is cleared), a DDP reducer now and then hung the process at exit (1 run in 5, 2026-12-05).
+    # frame is cleared), a DDP reducer now and then hung the process at exit (5 runs in 20, 2026-12-05).
     line = train(rank, args)
     gc.collect()
     lines = [None] * args.world
