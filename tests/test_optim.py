@@ -721,9 +721,9 @@ def test_dispatch_runs_the_resolved_backend_and_matches_masked_sgd(backend, mask
     sparse = mask != "none"
     assert asked == ([(backend, torch.device("cpu"), "poisson")] * 2 if sparse else [])  # dense: no resolving
     assert [b.name for b in batch.backends] == [backend if sparse else "reference"] * 2
-    # cpp's stage 1 probes each sampled tensor; every other tensor is in one multi-tensor norm
-    # per group and dtype (both gradients here are float32).
-    per_tensor = backend == "cpp" and mask in ("uniform", "amss", "amss+")
+    # cpp's stage 1 (for scale, its sum of squares alone) probes each tensor; every other
+    # backend's tensors are in one multi-tensor norm per group and dtype (both float32 here).
+    per_tensor = backend == "cpp" and mask in ("uniform", "amss", "amss+", "scale")
     assert len(probes.local) == (2 if per_tensor else 1) and not probes.sharded
     assert all(bool(torch.isfinite(p)) for p in probes.local)
     assert [j for j, _ in probes.scored] == ([0, 1] if mask in ("uniform", "amss", "amss+") else [])
@@ -748,12 +748,13 @@ def test_cpp_prepare_is_its_stage_one_and_its_sum_of_squares_probe():
     assert torch.equal(prepared[0], scalars) and torch.equal(prepared[1], scores)
     assert probe.dtype == torch.float64 and torch.equal(probe, sumsq)
     assert torch.isclose(probe, batch.grads[0].double().square().sum())
-    # mask="scale" has no stage 1: nothing prepared, and the default probe, which prepare()
-    # computes for the whole group at once
-    from masked_optim.backends.dispatch import DEFERRED
-
-    prepared, probe = backend_named("cpp").prepare(_batch("scale"), 0)
-    assert prepared is None and probe is DEFERRED
+    # mask="scale" has no stage 1: nothing prepared, and the op's sum of squares alone is the probe
+    batch = _batch("scale")
+    prepared, probe = backend_named("cpp").prepare(batch, 0)
+    assert prepared is None and probe.dtype == torch.float64 and probe.dim() == 0
+    assert torch.isclose(probe, batch.grads[0].double().square().sum())
+    batch.grads[0].view(-1)[3] = float("inf")
+    assert not bool(torch.isfinite(backend_named("cpp").prepare(batch, 0)[1]))
 
 
 @pytest.mark.parametrize("backend", _cpu_backends())

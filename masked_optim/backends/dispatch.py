@@ -6,9 +6,10 @@ and hands it here, in two calls so that nothing is updated before every gradient
 1. :func:`prepare` (all groups at once): picks each tensor's backend and runs the backend's
    preparation, which also yields the probe of the non-finite check (:class:`Probes`). The cpp
    backend runs its fused stage 1 (``torch.ops.masked_optim.tensor_scalars``), whose float64 sum
-   of ``g**2`` is the probe and whose ``[alpha, beta]`` and scores the kernel then reuses; the
-   other tensors (other backends, and ``mask="scale"``, which has no stage 1) are probed together,
-   by one multi-tensor ``torch._foreach_norm`` per group, device and dtype (shards: ``aminmax``).
+   of ``g**2`` is the probe and whose ``[alpha, beta]`` and scores the kernel then reuses (with
+   ``mask="scale"``, which has no stage 1, the same op computes the sum of squares alone); the
+   other backends' tensors are probed together, by one multi-tensor ``torch._foreach_norm`` per
+   group, device and dtype (shards: ``aminmax``).
 2. :func:`masked_sgd_step` / :func:`masked_adamw_step` (per group, once the probes are all
    finite): runs each backend on its tensors and returns the kept-unit counts.
 
@@ -312,17 +313,20 @@ class FusedBackend(Backend):
 class CppBackend(FusedBackend):
     """The fused C++ op on CPU tensors, whose stage 1 runs in :meth:`prepare`: its float64 sum of
     ``g**2`` is the probe (non-finite iff ``g`` has NaN or Inf or a square overflows), and the
-    kernel reuses its ``[alpha, beta]`` and scores. ``mask="scale"`` has no stage 1: the default
-    (deferred) probe."""
+    kernel reuses its ``[alpha, beta]`` and scores. ``mask="scale"`` has no stage 1: the op then
+    computes the sum of squares alone, the probe (one read of the gradient; an overflowing square is
+    a false alarm, which the optimizer's precise check clears). It is cheaper than the default
+    multi-tensor norm from 1M parameters up (2-core AMD EPYC, Zen 5, 15 tensors: 0.49 against
+    1.0 ms at 10M, 8.1 against 11.5 ms at 100M; 0.045 against 0.028 ms at 0.1M)."""
 
     def prepare(self, batch, i):
-        if not batch.mode.sampled:
-            return super().prepare(batch, i)
         o = batch.options
         scalars, scores, sumsq = torch.ops.masked_optim.tensor_scalars(
             batch.grads[i], float(batch.rate), float(o["smoothing"]), WATERFILL_MAX_ITER, int(batch.mode),
             o["granularity"] == "channel",
         )
+        if not batch.mode.sampled:
+            return None, sumsq
         return (scalars, scores if scores.numel() else None), sumsq
 
 
