@@ -14,7 +14,7 @@ import torch
 
 from masked_optim import MaskedMultiModalSGD
 from masked_optim.backends import BackendUnavailable, backend_status, kernel_for, resolve_backend
-from masked_optim.functional import _single_tensor_masked_sgd, inclusion_scalars, unit_scores
+from masked_optim.functional import _single_tensor_masked_sgd, inclusion_scalars, masked_gradient_given_scalars, unit_scores
 from masked_optim.modes import Mode
 from masked_optim.rng import derive_key
 from tolerances import TOLERANCES, assert_close_normwise
@@ -181,6 +181,33 @@ def test_kernel_rejects_bad_input():
         k(p, torch.zeros(4), p.new_empty(0), None, None, 1, 0.5, 0.5, 4, len(Mode) + 1, False, 0.1, 0.0, 0.0, 0.0, False, False, False)
     with pytest.raises(RuntimeError, match="momentum_buffer must be a contiguous tensor like param"):
         k(p, torch.zeros(4), p.new_empty(0), None, None, 1, 0.5, 0.5, 4, Mode.AMSS, False, 0.1, 0.9, 0.0, 0.0, False, False, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mode", [Mode.UNIFORM, Mode.UNIFORM_UNBIASED, Mode.AMSS, Mode.AMSS_PLUS], ids=lambda m: m.name)
+@pytest.mark.parametrize(
+    "scalars", [(0.0, 0.5), (0.0, 1.0), (0.0, 0.0), (0.0, -0.0), (-1.0, 0.2), (float("nan"), 0.5), (1e30, 0.0), (2.0, 3.0)],
+    ids=["half", "one", "zero", "minus-zero", "negative", "nan", "huge", "above-one"],
+)
+def test_element_keep_decision_at_edge_probabilities(scalars, mode, dtype):
+    """The cpp element loop decides ``u < q`` on bit patterns (csrc/cpu/masked_sgd_cpu.cpp,
+    KeepBits): q = 0, -0, negative or NaN must keep nothing, q >= 1 everything, and every other
+    unit exactly as the reference (gradients with zeros, infinities and NaN included)."""
+    _require("cpp")
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(5000, generator=gen, dtype=torch.float64)
+    g[::97] = 0.0
+    g[1::389], g[2::391] = float("inf"), float("nan")
+    g = g.to(dtype)
+    key, rate = derive_key(3, 1, 2), 0.4
+    sc = torch.tensor(scalars, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    ref, ref_kept = masked_gradient_given_scalars(g, rate=rate, key=key, mask=mode.mask, scalars=sc, unbiased=mode.unbiased)
+    p = torch.zeros_like(g)
+    kept, _ = kernel_for("cpp")(
+        p, g, p.new_empty(0), None, sc, key, rate, 0.5, 4, mode, False, 1.0, 0.0, 0.0, 0.0, False, False, False,
+    )
+    assert int(kept) == int(ref_kept)
+    torch.testing.assert_close((-p).to(ref.dtype), ref.to(dtype).to(ref.dtype), rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("granularity", ["element", "channel"])

@@ -212,20 +212,23 @@ inline void fill_uniforms(uint64_t key, int64_t first_block, int64_t nblocks, fl
 }
 
 
-// keep_unit(u, q) and masked_value(g, keep, w) of the fixed-q element loop, on bit patterns. There q
-// is h.beta, in (0, 1] and never NaN, and u in [0, 1): for non-negative floats the order of the bit
-// patterns is the order of the values, so the sign of bits(u) - bits(q) (u widened to acc_t) is the
-// keep decision, as a mask of all ones or zeros; the masked value is bits(g * w) & mask, +0 for a
-// unit not kept, exactly masked_value's. Why not the bool: g is otherwise unused in these modes, and
-// GCC 12 then turned `keep ? g * w : 0` into a masked load of g, with which the update ran at half
-// the memory bandwidth (Zen 5, 100M fp32, 2 threads: uniform 54 ms, scale 25 ms; with this, 19 ms
-// and 17 ms). A select on a bool that GCC can see through gives the masked load back.
+// keep_unit(u, q) and masked_value(g, keep, w) of the element loop, on bit patterns. u is in [0, 1);
+// q is first mapped to q > 0 ? q : 0 (NaN, -0 and negative q keep nothing, as u < q), and for
+// non-negative floats the order of the bit patterns is the order of the values, so the sign of
+// bits(u) - bits(q) (u widened to acc_t) is the keep decision, as a mask of all ones or zeros. The
+// masked value is bits(g * w) & mask: +0 for a unit not kept, exactly masked_value's. Why not the
+// bool: GCC 12 then turned `keep ? g * w : 0` into a masked load of g (a load of its own where g
+// is otherwise unused, the uniform and scale modes; a second, masked, load in amss), with which the
+// uniform update ran at half the memory bandwidth (Zen 5, 100M fp32, 2 threads: uniform 54 ms,
+// scale 25 ms; with this, 19 ms and 17 ms). A select on a bool that GCC can see through gives the
+// masked load back. tests/test_backends.py checks the edge values of q against the reference.
 template <typename acc_t>
 struct KeepBits {
   using U = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
   using S = std::make_signed_t<U>;
   static U mask(float u, acc_t q) {
-    const S diff = static_cast<S>(__builtin_bit_cast(U, static_cast<acc_t>(u)) - __builtin_bit_cast(U, q));
+    const acc_t q_pos = q > acc_t(0) ? q : acc_t(0);  // NaN, -0 and below: 0, which keeps nothing
+    const S diff = static_cast<S>(__builtin_bit_cast(U, static_cast<acc_t>(u)) - __builtin_bit_cast(U, q_pos));
     return static_cast<U>(diff >> (8 * sizeof(U) - 1));  // arithmetic shift: all ones iff u < q
   }
   static acc_t apply(U mask, acc_t x) { return __builtin_bit_cast(acc_t, __builtin_bit_cast(U, x) & mask); }
@@ -247,17 +250,10 @@ MASKED_OPTIM_CLONES int64_t update_elements(const Hyper<acc_t> h, const scalar_t
   scalar_t* __restrict bc = kMomentum ? b + begin : nullptr;
   for (int64_t i = 0; i < n; ++i) {
     const acc_t gv = signed_grad(h, static_cast<acc_t>(gc[i]));
-    acc_t gm;
-    if constexpr (kFixedQ) {
-      const auto keep = KeepBits<acc_t>::mask(u[i], h.beta);
-      kept += static_cast<int32_t>(keep & 1);
-      gm = KeepBits<acc_t>::apply(keep, mul_rn(gv, unit_weight(h, h.beta)));
-    } else {
-      const acc_t q = unit_probability<false>(h, mul_rn(gv, gv));
-      const bool keep = keep_unit(u[i], q);
-      kept += keep ? 1 : 0;
-      gm = masked_value(gv, keep, unit_weight(h, q));
-    }
+    const acc_t q = unit_probability<kFixedQ>(h, mul_rn(gv, gv));
+    const auto keep = KeepBits<acc_t>::mask(u[i], q);
+    kept += static_cast<int32_t>(keep & 1);
+    const acc_t gm = KeepBits<acc_t>::apply(keep, mul_rn(gv, unit_weight(h, q)));
     acc_t pv = static_cast<acc_t>(pc[i]);
     acc_t bv = kMomentum ? static_cast<acc_t>(bc[i]) : acc_t(0);
     sgd_update<kMomentum>(h, gm, pv, bv);
@@ -276,8 +272,8 @@ MASKED_OPTIM_CLONES int64_t update_channels(const Hyper<acc_t> h, const scalar_t
   int64_t kept = 0;
   for (int64_t j = ubegin; j < uend; ++j) {
     const acc_t q = unit_probability(h, scores != nullptr ? scores[j] : acc_t(0));
-    const bool keep = keep_unit(u[j - ubegin], q);
-    kept += keep;
+    const auto keep = KeepBits<acc_t>::mask(u[j - ubegin], q);
+    kept += static_cast<int64_t>(keep & 1);
     const acc_t w = unit_weight(h, q);
     const scalar_t* __restrict gj = g + j * inner;
     scalar_t* __restrict pj = p + j * inner;
@@ -285,7 +281,7 @@ MASKED_OPTIM_CLONES int64_t update_channels(const Hyper<acc_t> h, const scalar_t
     for (int64_t i = 0; i < inner; ++i) {
       acc_t pv = static_cast<acc_t>(pj[i]);
       acc_t bv = kMomentum ? static_cast<acc_t>(bj[i]) : acc_t(0);
-      sgd_update<kMomentum>(h, masked_value(signed_grad(h, static_cast<acc_t>(gj[i])), keep, w), pv, bv);
+      sgd_update<kMomentum>(h, KeepBits<acc_t>::apply(keep, mul_rn(signed_grad(h, static_cast<acc_t>(gj[i])), w)), pv, bv);
       pj[i] = static_cast<scalar_t>(pv);
       if (kMomentum) bj[i] = static_cast<scalar_t>(bv);
     }
