@@ -265,6 +265,41 @@ def test_stage_one_is_exact_when_its_sampled_guess_is_wrong(kind, rate):
     assert 0 < float(beta) and float(alpha) > 0
 
 
+@pytest.mark.parametrize("rate", [0.3, 0.7])
+def test_stage_one_sums_of_large_tensors_are_accurate(rate):
+    """The float32 lanes of the cpp stage-1 sums are flushed to float64 every 4096 values: kept for a
+    whole thread's range (4M values here), they lost the small terms, and [alpha, beta] of an 8M
+    Gaussian gradient was 1.5e-5 off (float32's tolerance here is 1e-5) while the reference's float32
+    result is 1e-7 from the float64 one."""
+    _require("cpp")
+    g = torch.randn(8_000_000, generator=torch.Generator().manual_seed(0))
+    scalars, _, sumsq = torch.ops.masked_optim.tensor_scalars(g, rate, 0.5, 30, Mode.AMSS_PLUS, False)
+    exact = torch.stack(inclusion_scalars(unit_scores(g.double(), "element"), rate, 0.5))
+    torch.testing.assert_close(scalars.double(), exact, rtol=1e-6, atol=0)
+    torch.testing.assert_close(sumsq, g.double().square().sum(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.slow
+def test_stage_one_rounds_that_alternate_end_where_all_rounds_would():
+    """In float32 the water-filling rounds of a large tensor can alternate between two values of c
+    (here 30M Gaussian units at rate 0.7 on the AVX-512 path, from round 5 on). The cpp stage 1 then
+    stops and takes the value the last round would give, by parity: the [alpha, beta] after k rounds
+    must go on alternating exactly as the rounds it ran do, for every k, and match the reference's."""
+    _require("cpp")
+    g = torch.randn(30_000_000, generator=torch.Generator().manual_seed(0))
+    rate, mode = 0.7, Mode.AMSS_PLUS
+    seq = [torch.ops.masked_optim.tensor_scalars(g, rate, 0.5, k, mode, False)[0] for k in range(0, 13)]  # k rounds
+    alphas = [float(s[0]) for s in seq]
+    # The first k whose value is that of k - 2 ran all its rounds (the stop needs a round after it).
+    first = next((k for k in range(2, len(seq)) if torch.equal(seq[k], seq[k - 2])), None)
+    if first is None or len(set(alphas[first:])) != 2:  # the float32 sums of other CPU paths may converge instead
+        pytest.skip(f"the rounds do not alternate on this CPU path, so there is nothing to check: {alphas}")
+    for k in range(first, len(seq)):  # rounds k and k - 2 end on the same value, and k - 1 on the other
+        assert torch.equal(seq[k], seq[k - 2]) and not torch.equal(seq[k], seq[k - 1]), (k, alphas)
+    alpha, beta = inclusion_scalars(unit_scores(g, "element"), rate, 0.5, max_iter=12)
+    torch.testing.assert_close(seq[-1], torch.stack([alpha, beta]), **TOLERANCES[torch.float32])
+
+
 @pytest.mark.parametrize("mask", ["amss+", "scale"])
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_large_finite_gradients_are_not_mistaken_for_non_finite(backend, mask):
