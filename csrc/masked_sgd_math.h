@@ -181,9 +181,17 @@ MASKED_OPTIM_HD bool keep_unit(float u, acc_t q) {
 }
 
 // The weight of a kept unit: 1/q when unbiased, else grad_scale (1, or the rate in mode scale).
+// kUnbiased must equal h.unbiased: a template parameter for the CPU element loop, where the select
+// on it at run time computes the division for the biased modes too.
+template <bool kUnbiased, typename acc_t>
+MASKED_OPTIM_HD acc_t unit_weight(const Hyper<acc_t>& h, acc_t q) {
+  return kUnbiased ? rcp_rn(q) : h.grad_scale;
+}
+
+// The same with h.unbiased read at run time.
 template <typename acc_t>
 MASKED_OPTIM_HD acc_t unit_weight(const Hyper<acc_t>& h, acc_t q) {
-  return h.unbiased ? rcp_rn(q) : h.grad_scale;
+  return h.unbiased ? unit_weight<true>(h, q) : unit_weight<false>(h, q);
 }
 
 // g~ of one element of a unit: g * weight when kept, else 0 (weight 1 is exact: g * 1 == g).

@@ -239,7 +239,7 @@ struct KeepBits {
 // weight grad_scale: 1 exactly, or the rate in mode scale (g~ = g * rate, one rounded product).
 // The math is csrc/masked_sgd_math.h; the presence of a momentum buffer and h.fixed_q are template
 // parameters (with either one a run-time select, the loop does not vectorise: ~4x slower).
-template <bool kMomentum, bool kFixedQ, typename scalar_t, typename acc_t>
+template <bool kMomentum, bool kFixedQ, bool kUnbiased, typename scalar_t, typename acc_t>
 MASKED_OPTIM_CLONES int64_t update_elements(const Hyper<acc_t> h, const scalar_t* __restrict g, scalar_t* __restrict p,
                                             scalar_t* __restrict b, int64_t begin, int64_t end,
                                             const float* __restrict u) {
@@ -253,7 +253,10 @@ MASKED_OPTIM_CLONES int64_t update_elements(const Hyper<acc_t> h, const scalar_t
     const acc_t q = unit_probability<kFixedQ>(h, mul_rn(gv, gv));
     const auto keep = KeepBits<acc_t>::mask(u[i], q);
     kept += static_cast<int32_t>(keep & 1);
-    const acc_t gm = KeepBits<acc_t>::apply(keep, mul_rn(gv, unit_weight(h, q)));
+    // With a fixed q the weight is loop-invariant either way; otherwise kUnbiased spares the biased
+    // modes a division per element (100M fp32 in 15 tensors, amss: the update 22.1 -> 21.6 ms).
+    const acc_t w = kFixedQ ? unit_weight(h, q) : unit_weight<kUnbiased>(h, q);
+    const acc_t gm = KeepBits<acc_t>::apply(keep, mul_rn(gv, w));
     acc_t pv = static_cast<acc_t>(pc[i]);
     acc_t bv = kMomentum ? static_cast<acc_t>(bc[i]) : acc_t(0);
     sgd_update<kMomentum>(h, gm, pv, bv);
@@ -1176,11 +1179,15 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_impl(at::Tensor& param, const at::
   if (!un.channel || !sampled) {
     kept = for_each_element_piece(un.numel, sampled, h.key, [&](int64_t begin, int64_t end, const float* u) -> int64_t {
       if (h.fixed_q) {
-        return h.has_momentum ? update_elements<true, true, scalar_t, acc_t>(h, g, p, b, begin, end, u)
-                              : update_elements<false, true, scalar_t, acc_t>(h, g, p, b, begin, end, u);
+        return h.has_momentum ? update_elements<true, true, false, scalar_t, acc_t>(h, g, p, b, begin, end, u)
+                              : update_elements<false, true, false, scalar_t, acc_t>(h, g, p, b, begin, end, u);
       }
-      return h.has_momentum ? update_elements<true, false, scalar_t, acc_t>(h, g, p, b, begin, end, u)
-                            : update_elements<false, false, scalar_t, acc_t>(h, g, p, b, begin, end, u);
+      if (h.unbiased) {
+        return h.has_momentum ? update_elements<true, false, true, scalar_t, acc_t>(h, g, p, b, begin, end, u)
+                              : update_elements<false, false, true, scalar_t, acc_t>(h, g, p, b, begin, end, u);
+      }
+      return h.has_momentum ? update_elements<true, false, false, scalar_t, acc_t>(h, g, p, b, begin, end, u)
+                            : update_elements<false, false, false, scalar_t, acc_t>(h, g, p, b, begin, end, u);
     });
   } else {
     kept = for_each_unit_block(un.n_units, un.inner, h.key, [&](int64_t ubegin, int64_t uend, const float* u) -> int64_t {
