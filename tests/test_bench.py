@@ -80,3 +80,9 @@ def test_several_runs_are_summarised_with_their_spread(tmp_path, capsys):
         benchmark.summarize_runs([str(tmp_path / "a.json"), str(tmp_path / "c.json")])
     with pytest.raises(ValueError, match="two or more JSON files"):
         benchmark.summarize_runs([str(tmp_path / "a.json")])
+    # The same model name on another CPU generation (a VM moved to another host) is another machine.
+    assert a["machine"]["cpu_family"] == b["machine"]["cpu_family"]
+    b["machine"]["cpu_family"] = "other"
+    (tmp_path / "b2.json").write_text(json.dumps(b))
+    with pytest.raises(ValueError, match=r"Invalid file .*b2\.json.*: other arguments or machine"):
+        benchmark.summarize_runs([str(tmp_path / "a.json"), str(tmp_path / "b2.json")])

@@ -230,15 +230,31 @@ def summarize(times: list[float]) -> dict:
     return {"median_ms": med * 1e3, "p20_ms": q[0] * 1e3, "p80_ms": q[-1] * 1e3}
 
 
-def machine(device: torch.device = torch.device("cpu")) -> dict:
-    cpu = platform.processor()
+def _cpuinfo() -> dict:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+    fields: dict = {}
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
         pass
+    return fields
+
+
+def machine(device: torch.device = torch.device("cpu")) -> dict:
+    """Where a benchmark ran. A VM's model name can stay the same ("AMD EPYC") while the host under
+    it changes generation, so the CPU family and model numbers are recorded too (e.g. family 25 is
+    AMD Zen 3/4, 26 is Zen 5)."""
+    info_cpu = _cpuinfo()
+    cpu = info_cpu.get("model name") or platform.processor()
     info = {
         "cpu": cpu,
+        "cpu_family": info_cpu.get("cpu family", ""),
+        "cpu_model": info_cpu.get("model", ""),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
@@ -292,7 +308,8 @@ def main(argv=None, prog=None) -> int:
 
     info = machine(device)
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    where = info.get("gpu", f"{info['cpu']}, {info['cores']} cores")
+    family = f" (family {info['cpu_family']} model {info['cpu_model']})" if info["cpu_family"] else ""
+    where = info.get("gpu", f"{info['cpu']}{family}, {info['cores']} cores")
     print(f"# {date}  {where}  torch {info['torch']} ({info['torch_threads']} threads), device {device}")
     what = "momentum 0.9" if args.optimizer == "sgd" else "AdamW defaults"
     print(f"# interleaved single steps: {args.repeats} repeats after {args.warmup} warm-up, rate {args.rate}, {what}")
@@ -356,7 +373,9 @@ def summarize_runs(paths: list[str]) -> list[dict]:
         runs.append(run)
     keys = ("sizes", "modes", "granularities", "rate", "repeats", "device", "optimizer")
     for path, run in zip(paths[1:], runs[1:]):
-        if any(run["args"].get(k, "sgd") != runs[0]["args"].get(k, "sgd") for k in keys) or run["machine"]["cpu"] != runs[0]["machine"]["cpu"]:
+        if any(run["args"].get(k, "sgd") != runs[0]["args"].get(k, "sgd") for k in keys) or any(
+            run["machine"].get(k) != runs[0]["machine"].get(k) for k in ("cpu", "cpu_family", "cpu_model")
+        ):
             raise ValueError(f"Invalid file {path!r}: other arguments or machine than {paths[0]!r}")
     table: dict[tuple, dict] = {}
     for run in runs:
