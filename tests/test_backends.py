@@ -231,16 +231,17 @@ def test_tensor_scalars_is_the_fused_stage_one(mode, granularity):
 
 
 def _adversarial_grad(kind: str, n: int = 200_000) -> torch.Tensor:
-    """Gradients that defeat the cpp stage 1's sampled guess of where the water-filling threshold
-    lies (16 runs of 64 elements, evenly spaced), so that its fallbacks run."""
+    """Gradients that defeat the cpp stage 1's sampled guess of where the water-filling thresholds
+    lie (64 evenly spaced runs of n / 4096 elements, between 16 and 256, a multiple of 16), so that its
+    fallbacks run."""
     g = torch.randn(n, generator=torch.Generator().manual_seed(5)) * 0.1
     in_sample = torch.zeros(n, dtype=torch.bool)
-    stride = n // 16
-    for r in range(16):
-        in_sample[r * stride : r * stride + 64] = True
+    stride, run = n // 64, min(256, max(16, n // 4096)) // 16 * 16
+    for r in range(64):
+        in_sample[r * stride : r * stride + run] = True
     if kind == "big-in-sample":  # the sample overestimates the sum: candidates collected again
         g[in_sample] *= 300
-    elif kind == "big-outside-sample":  # the sample underestimates the sum: too many candidates
+    elif kind == "big-outside-sample":  # it underestimates it: units counted as saturated are not
         g[~in_sample] *= 300
     elif kind == "sparse":  # 1% non-zero, none of them in the sample
         keep = (torch.arange(n) % 100 == 7) & ~in_sample
