@@ -787,14 +787,14 @@ MASKED_OPTIM_CLONES void candidate_round(const float* __restrict pt, int64_t n, 
 // *sumsq and writes the first 16 scores of each run to head[0 .. 16 runs). Every run's lines are
 // prefetched first, so that their loads overlap (one after another, each run waited for memory).
 template <typename scalar_t, typename acc_t>
-MASKED_OPTIM_CLONES void sample_scores(const scalar_t* __restrict g, int64_t r0, int64_t r1, int64_t stride,
-                                       int64_t run, double* sum, double* sumsq, double* __restrict head) {
+MASKED_OPTIM_CLONES void sample_scores(const scalar_t* __restrict g, int64_t runs, int64_t stride, int64_t run,
+                                       double* sum, double* sumsq, double* __restrict head) {
   constexpr int64_t kLine = 64 / sizeof(scalar_t);
-  for (int64_t r = r0; r < r1; ++r) {
+  for (int64_t r = 0; r < runs; ++r) {
     for (int64_t i = 0; i < run; i += kLine) __builtin_prefetch(g + r * stride + i, 0, 0);
   }
   double s[16] = {}, q[16] = {};
-  for (int64_t r = r0; r < r1; ++r) {
+  for (int64_t r = 0; r < runs; ++r) {
     const scalar_t* __restrict x = g + r * stride;
     for (int l = 0; l < 16; ++l) {
       const double v = static_cast<double>(static_cast<acc_t>(x[l]));
@@ -932,7 +932,7 @@ Stage1<acc_t> stage1(const at::Tensor& grad, const c10::optional<at::Tensor>& sc
       const int64_t runs = 64, run = std::min<int64_t>(256, std::max<int64_t>(16, numel / 4096)) / 16 * 16;
       double sample_sum = 0, sample_sq = 0;
       std::vector<double> small(runs * 16);  // the water-filling subsample
-      sample_scores<scalar_t, acc_t>(g, 0, runs, numel / runs, run, &sample_sum, &sample_sq, small.data());
+      sample_scores<scalar_t, acc_t>(g, runs, numel / runs, run, &sample_sum, &sample_sq, small.data());
       const double n_all = static_cast<double>(runs * run);
       const double mean = sample_sum / n_all;
       const double rel_err = std::sqrt(std::max(0.0, sample_sq / n_all - mean * mean) / n_all) / mean;
