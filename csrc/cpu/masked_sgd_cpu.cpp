@@ -411,10 +411,11 @@ MASKED_OPTIM_CLONES void waterfill_round(const scalar_t* __restrict g, int64_t b
 
 // Water-filling candidates. A round at c needs the count of units with pt * c >= 1 and the sum of
 // pt over the others. c only grows, so for every c <= c_cand a unit whose score lies below the
-// threshold of c_cand is unsaturated. The stage-1 pass, which reads the gradient anyway, stores the
-// scores above a threshold set from a small sample of the gradient (conservatively low) and sums
-// the rest; once the true sum is known the threshold is checked, and the rounds scan only the
-// stored scores. Without that, each round is another pass over the gradient: on the development
+// threshold of c_cand is unsaturated, and one above the threshold of the first round's c is
+// saturated in every round. The stage-1 pass, which reads the gradient anyway, sums the scores below
+// a lower bound and counts those above an upper one, both set from a small sample of the gradient,
+// and stores the scores between; once the true sum is known both bounds are checked, and the rounds
+// scan only the stored scores. Without that, each round is another pass over the gradient: on the development
 // machine (2-core AMD EPYC, 10M fp32 Gaussian gradients, rate 0.5) four rounds with ~10% of units
 // saturated, about as long as the fused update itself.
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(MASKED_OPTIM_NO_AVX512)
@@ -465,7 +466,7 @@ __attribute__((target("avx512f"))) int64_t stage1_collect_f32(const float* __res
       stored += k0 + k1;
       if (fits && m + 32 <= capacity) {
         // Compress in a register, then one full-width store: the memory form of vcompressps is
-        // microcoded on AMD Zen 4 and 5 (the development machine's hosts) and made this pass ~4x slower.
+        // microcoded on AMD Zen 4 (this pass was ~4x slower there) and slower on Zen 5 as well.
         _mm512_storeu_ps(out + m, _mm512_maskz_compress_ps(st0, sq0));
         m += k0;
         _mm512_storeu_ps(out + m, _mm512_maskz_compress_ps(st1, sq1));
