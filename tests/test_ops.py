@@ -126,6 +126,31 @@ def test_opcheck_tensor_scalars(mode, channel, dtype):
                           (torch.randn(9, 1, dtype=dtype), 0.3, 0.5, 4, int(mode), channel))
 
 
+@pytest.mark.parametrize("mode", [Mode.UNIFORM, Mode.AMSS_PLUS, Mode.SCALE], ids=lambda m: m.name.lower())
+@pytest.mark.parametrize("channel", [False, True], ids=["element", "channel"])
+def test_opcheck_tensor_scalars_multi(mode, channel):
+    _require_extension("tensor_scalars_multi")
+    grads = [torch.randn(7, 4, 3), torch.randn(9, 1, dtype=torch.float64), torch.randn(5, dtype=torch.bfloat16)]
+    for rate in (0.3, 1.0):
+        torch.library.opcheck(torch.ops.masked_optim.tensor_scalars_multi.default, (grads, rate, 0.5, 4, int(mode), channel))
+
+
+@pytest.mark.parametrize("mode", [Mode.DENSE, Mode.UNIFORM_UNBIASED, Mode.AMSS, Mode.AMSS_PLUS, Mode.SCALE],
+                         ids=lambda m: m.name.lower())
+@pytest.mark.parametrize("channel", [False, True], ids=["element", "channel"])
+@pytest.mark.parametrize("given", [False, True], ids=["own-stage-1", "given"])
+def test_opcheck_masked_sgd_multi(mode, channel, given):
+    _require_extension("masked_sgd_multi_")
+    cases = [_sgd_args(dtype, mode, channel, 0.9, shape=shape, given=given, seed=k)
+             for k, (dtype, shape) in enumerate([(torch.float32, (6, 5, 3)), (torch.float64, (11,)), (torch.float16, (4, 9))])]
+    params, grads, bufs = [c[0] for c in cases], [c[1] for c in cases], [c[2] for c in cases]
+    scores = [c[3] for c in cases]
+    scalars = torch.tensor([[0.3, 0.05]] * 3, dtype=torch.float64) if given else None
+    args = (params, grads, bufs, scores, scalars, [5, 6, 7], 0.4, 0.5, 4, int(mode), channel, 0.05, 0.9, 0.1, 1e-2,
+            False, False, [True, False, False])
+    torch.library.opcheck(torch.ops.masked_optim.masked_sgd_multi_.default, args)
+
+
 @pytest.mark.parametrize("n", [1, 7, 4096 + 5])
 def test_opcheck_philox_uniform(n):
     _require_extension("philox_uniform_")
@@ -160,6 +185,14 @@ def test_fake_kernels_need_no_extension():
     s, sc, sq = torch.ops.masked_optim.tensor_scalars(p, 0.5, 0.5, 4, int(Mode.AMSS), True)
     assert s.shape == (2,) and sc.shape == (5,) and sq.dtype == torch.float64
     assert torch.ops.masked_optim.philox_uniform_(torch.empty(8, device=meta), 3) is None
+    q = torch.empty(6, device=meta, dtype=torch.float64)
+    s, sc, sq = torch.ops.masked_optim.tensor_scalars_multi([p, q], 0.5, 0.5, 4, int(Mode.AMSS), True)
+    assert s.shape == (2, 2) and s.dtype == torch.float64 and sq.shape == (2,) and sq.dtype == torch.float64
+    assert sc[0].shape == (5,) and sc[1].shape == (0,) and sc[1].dtype == torch.float64
+    kept = torch.ops.masked_optim.masked_sgd_multi_([p, q], [p, q], [p, q], [None, None], s, [1, 2], 0.5, 0.5, 4,
+                                                    int(Mode.AMSS_PLUS), False, 0.1, 0.9, 0.0, 0.0, False, False,
+                                                    [True, True])
+    assert kept.shape == (2,) and kept.dtype == torch.int64
 
 
 # ------------------------------------------------------------------------------ opcheck, Triton op

@@ -721,10 +721,9 @@ def test_dispatch_runs_the_resolved_backend_and_matches_masked_sgd(backend, mask
     sparse = mask != "none"
     assert asked == ([(backend, torch.device("cpu"), "poisson")] * 2 if sparse else [])  # dense: no resolving
     assert [b.name for b in batch.backends] == [backend if sparse else "reference"] * 2
-    # cpp's stage 1 (for scale, its sum of squares alone) probes each tensor; every other
-    # backend's tensors are in one multi-tensor norm per group and dtype (both float32 here).
-    per_tensor = backend == "cpp" and mask in ("uniform", "amss", "amss+", "scale")
-    assert len(probes.local) == (2 if per_tensor else 1) and not probes.sharded
+    # One probe per group: cpp's multi-tensor stage 1 (for scale, its sums of squares alone) probes
+    # the group's tensors; every other backend's are in one multi-tensor norm per group and dtype.
+    assert len(probes.local) == 1 and not probes.sharded
     assert all(bool(torch.isfinite(p)) for p in probes.local)
     assert [j for j, _ in probes.scored] == ([0, 1] if mask in ("uniform", "amss", "amss+") else [])
     kept = masked_sgd_step(batch)
@@ -764,11 +763,9 @@ def test_dispatch_probes_flag_nan_and_overflowing_squares(backend):
     grads = [torch.ones(4, 3), torch.tensor([1.0, float("nan")]), torch.full((3,), 1e30), torch.zeros(0)]
     first, second = _batch("amss+", grads=grads[:2], backend=backend), _batch("amss+", grads=grads[2:], backend=backend)
     probes = prepare([first, second], lambda requested, device, sampler: requested, check=True)
-    finite = [bool(torch.isfinite(p)) for p in probes.local]
-    if backend == "cpp":  # one probe per tensor (its stage 1), empty gradients too
-        assert finite == [True, False, False, True]
-    else:  # one probe per group and dtype: the NaN, and the 1e30 whose square overflows float32
-        assert finite == [False, False]
+    # one probe per group (and dtype): the NaN, and the 1e30 whose square overflows float32 (cpp: the
+    # sum of its multi-tensor stage 1's sums of squares, empty gradients included)
+    assert [bool(torch.isfinite(p)) for p in probes.local] == [False, False]
     assert [j for j, _ in probes.scored] == [0, 1, 2]  # positions among every group's gradients; empty ones skipped
     # nonfinite="ignore": nothing probed, nothing prepared (the kernels compute their own stage 1)
     probes = prepare([_batch("amss+", backend=backend)], lambda *a: backend, check=False)

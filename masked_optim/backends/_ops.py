@@ -60,6 +60,14 @@ OPS = {
     # Stage 1 of masked_sgd_ alone: ([alpha, beta], unit scores or empty, sum of g^2 as float64).
     "tensor_scalars": "(Tensor grad, float rate, float smoothing, int max_iter, int mode, bool channel) "
     "-> (Tensor, Tensor, Tensor)",
+    # The multi-tensor forms (CPU; one call per param group): tensor_scalars of every gradient, as
+    # ([n, 2] float64 [alpha, beta] per tensor, the scores of each, [n] float64 sums of g^2), and
+    # masked_sgd_ of every tensor with shared hyper-parameters, returning the [n] int64 kept counts.
+    "tensor_scalars_multi": "(Tensor[] grads, float rate, float smoothing, int max_iter, int mode, bool channel) "
+    "-> (Tensor, Tensor[], Tensor)",
+    "masked_sgd_multi_": "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] scores, "
+    "Tensor? scalars, int[] keys, float rate, float smoothing, int max_iter, int kernel_mode, bool channel, float lr, "
+    "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, bool[] first_steps) -> Tensor",
     "masked_sgd_triton_": MASKED_SGD_ARGS,
     "masked_adamw_": MASKED_ADAMW_ARGS,
     "masked_adamw_triton_": MASKED_ADAMW_ARGS,
@@ -115,3 +123,32 @@ def _tensor_scalars_fake(grad, rate, smoothing, max_iter, mode, channel):
     per_slice = channel and grad.dim() > 0 and grad.shape[0] > 0 and grad.numel() // grad.shape[0] != 1
     units = grad.shape[0] if per_slice and mode != Mode.SCALE and rate < 1.0 else 0
     return grad.new_empty((2,), dtype=acc), grad.new_empty((units,), dtype=acc), grad.new_empty((), dtype=torch.float64)
+
+
+def _per_slice(grad, channel: bool) -> bool:
+    return channel and grad.dim() > 0 and grad.shape[0] > 0 and grad.numel() // grad.shape[0] != 1
+
+
+@torch.library.register_fake(f"{NAMESPACE}::tensor_scalars_multi", lib=LIB)
+def _tensor_scalars_multi_fake(grads, rate, smoothing, max_iter, mode, channel):
+    torch._check(Mode.UNIFORM <= mode <= Mode.SCALE, lambda: f"tensor_scalars_multi: mode must be in 1..5, got {mode}")
+    scores = []
+    for g in grads:
+        units = g.shape[0] if _per_slice(g, channel) and mode != Mode.SCALE and rate < 1.0 else 0
+        scores.append(g.new_empty((units,), dtype=_acc_dtype(g.dtype)))
+    n, new = len(grads), (grads[0].new_empty if grads else torch.empty)
+    return new((n, 2), dtype=torch.float64), scores, new((n,), dtype=torch.float64)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::masked_sgd_multi_", lib=LIB)
+def _masked_sgd_multi_fake(params, grads, momentum_buffers, scores, scalars, keys, rate, smoothing, max_iter,
+                           kernel_mode, channel, lr, momentum, dampening, weight_decay, nesterov, maximize, first_steps):
+    n = len(params)
+    for name, seq in (("grads", grads), ("momentum_buffers", momentum_buffers), ("scores", scores), ("keys", keys),
+                      ("first_steps", first_steps)):
+        torch._check(len(seq) == n, lambda: f"masked_sgd_multi_: {name} must have one entry per param ({n}), got {len(seq)}")
+    for p, g in zip(params, grads):
+        torch._check(g.shape == p.shape, lambda: f"masked_sgd_multi_: grad shape {g.shape} != param shape {p.shape}")
+    torch._check(Mode.DENSE <= kernel_mode <= Mode.SCALE,
+                 lambda: f"masked_sgd_multi_: kernel_mode must be in 0..5, got {kernel_mode}")
+    return (params[0].new_empty if params else torch.empty)((n,), dtype=torch.int64)

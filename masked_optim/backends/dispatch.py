@@ -71,7 +71,8 @@ class GroupTensors:
     optimizer's). ``kind``: ``"sgd"`` or ``"adamw"``, the update that runs. The optimizer fills the
     state: ``momentum_buffers`` (SGD: local tensors, None before the first step with momentum;
     :func:`masked_sgd_step` replaces them by the buffers it wrote) or ``adam`` (AdamW).
-    :func:`prepare` fills ``backends`` and ``prepared``.
+    :func:`prepare` fills ``backends``, ``prepared`` and ``prepared_groups`` (what a backend's
+    group-level preparation leaves for its ``run``, by backend name).
     """
 
     options: Mapping[str, Any]
@@ -89,6 +90,7 @@ class GroupTensors:
     adam: Optional[AdamState] = None
     backends: list["Backend"] = field(default_factory=list)
     prepared: list[Optional[tuple[Tensor, Optional[Tensor]]]] = field(default_factory=list)
+    prepared_groups: dict[str, Any] = field(default_factory=dict)
 
     def is_distributed(self, i: int) -> bool:
         """Whether tensor ``i`` is a DTensor (its local tensor is another object)."""
@@ -162,6 +164,11 @@ class Backend:
         or :data:`DEFERRED` for the default probe, which :func:`prepare` computes for all such
         tensors of the group at once."""
         return None, DEFERRED
+
+    def prepare_group(self, batch: GroupTensors, idx: list[int]) -> Optional[tuple[list[Optional[tuple]], Tensor]]:
+        """``(prepared per tensor of idx, one probe for them all)`` from one call for the tensors
+        ``idx`` of the group (unsharded), or None (the default) to :meth:`prepare` them one by one."""
+        return None
 
     def run(self, batch: GroupTensors, idx: list[int], bufs: list[Optional[Tensor]]) -> list[Union[Tensor, int]]:
         """Update tensors ``idx`` of ``batch`` (``bufs`` their momentum buffers, replaced in place
@@ -310,14 +317,30 @@ class FusedBackend(Backend):
         return counts
 
 
+def _has_cpu_kernel(op: str) -> bool:
+    """Whether the loaded extension implements ``masked_optim::op`` on CPU (a build from before the op
+    was added does not: the backend then calls the one-tensor ops)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"masked_optim::{op}", "CPU")
+
+
 class CppBackend(FusedBackend):
-    """The fused C++ op on CPU tensors, whose stage 1 runs in :meth:`prepare`: its float64 sum of
-    ``g**2`` is the probe (non-finite iff ``g`` has NaN or Inf or a square overflows), and the
-    kernel reuses its ``[alpha, beta]`` and scores. ``mask="scale"`` has no stage 1: the op then
-    computes the sum of squares alone, the probe (one read of the gradient; an overflowing square is
-    a false alarm, which the optimizer's precise check clears). It is cheaper than the default
-    multi-tensor norm from 1M parameters up (2-core AMD EPYC, Zen 5, 15 tensors, 2026-12-05:
-    0.49 against 1.0 ms at 10M, 8.1 against 11.5 ms at 100M; 0.045 against 0.028 ms at 0.1M)."""
+    """The fused C++ op on CPU tensors, one call per param group and stage (the multi-tensor ops
+    ``tensor_scalars_multi`` and ``masked_sgd_multi_``, as ``torch._foreach_*``). Stage 1 runs in
+    :meth:`prepare_group`: its float64 sums of ``g**2`` give the probe (non-finite iff some ``g`` has
+    NaN or Inf or a square overflows), and the update reuses its ``[alpha, beta]`` and scores.
+    ``mask="scale"`` has no stage 1: the op then computes the sums of squares alone, the probe (one
+    read of each gradient; an overflowing square is a false alarm, which the optimizer's precise check
+    clears). It is cheaper than the default multi-tensor norm from 1M parameters up (2-core AMD EPYC,
+    Zen 5, 15 tensors, 2026-12-05: 0.49 against 1.0 ms at 10M, 8.1 against 11.5 ms at 100M; 0.045
+    against 0.028 ms at 0.1M, with one op call per tensor)."""
+
+    _multi: Optional[bool] = None
+
+    @classmethod
+    def has_multi(cls) -> bool:
+        if cls._multi is None:
+            cls._multi = _has_cpu_kernel("tensor_scalars_multi") and _has_cpu_kernel("masked_sgd_multi_")
+        return cls._multi
 
     def prepare(self, batch, i):
         o = batch.options
@@ -328,6 +351,57 @@ class CppBackend(FusedBackend):
         if not batch.mode.sampled:
             return None, sumsq
         return (scalars, scores if scores.numel() else None), sumsq
+
+    def prepare_group(self, batch, idx):
+        if not self.has_multi():
+            return None
+        o = batch.options
+        scalars, scores, sumsq = torch.ops.masked_optim.tensor_scalars_multi(
+            [batch.grads[i] for i in idx], float(batch.rate), float(o["smoothing"]), WATERFILL_MAX_ITER,
+            int(batch.mode), o["granularity"] == "channel",
+        )
+        if not batch.mode.sampled:
+            return [None] * len(idx), sumsq.sum()
+        batch.prepared_groups[self.name] = (idx, scalars)
+        prepared = [(row, sc if sc.numel() else None) for row, sc in zip(scalars.unbind(0), scores)]
+        return prepared, sumsq.sum()
+
+    def run(self, batch, idx, bufs):
+        """One ``masked_sgd_multi_`` call for the tensors ``idx`` (non-contiguous ones through
+        contiguous copies), with the scalars of :meth:`prepare_group` when it prepared the same tensors."""
+        if not self.has_multi():
+            return super().run(batch, idx, bufs)
+        o = batch.options
+        momentum = o["momentum"]
+        params, grads, firsts, copies = [], [], [], []
+        for j, i in enumerate(idx):
+            p = batch.local_params[i]
+            pc = p if p.is_contiguous() else p.contiguous()
+            if pc is not p:
+                copies.append((p, pc))
+            buf, first = bufs[j], False
+            if momentum != 0:
+                if buf is None:
+                    buf, first = torch.empty_like(pc, memory_format=torch.contiguous_format), True
+                elif not buf.is_contiguous():
+                    buf = buf.contiguous()
+                bufs[j] = buf
+            params.append(pc)
+            grads.append(batch.grads[i].contiguous())
+            firsts.append(first)
+        moms = bufs if momentum != 0 else [p.new_empty(0) for p in params]
+        group = batch.prepared_groups.get(self.name)
+        scalars = group[1] if group is not None and group[0] == idx else None
+        scores = [batch.prepared[i][1] if batch.prepared and batch.prepared[i] is not None else None for i in idx]
+        kept = torch.ops.masked_optim.masked_sgd_multi_(
+            params, grads, moms, scores, scalars, [batch.keys[i] for i in idx], float(batch.rate),
+            float(o["smoothing"]), WATERFILL_MAX_ITER, int(batch.mode), o["granularity"] == "channel", float(o["lr"]),
+            float(momentum), float(o["dampening"]), float(o["weight_decay"]), bool(o["nesterov"]), bool(o["maximize"]),
+            firsts,
+        )
+        for p, pc in copies:
+            p.copy_(pc)
+        return kept.tolist()
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -373,8 +447,26 @@ def prepare(batches: list[GroupTensors], resolve: Resolver, check: bool) -> Prob
     for batch in batches:
         _route(batch, resolve)
         batch.prepared = [None] * len(batch.params)
+        batch.prepared_groups = {}
         deferred = []
+        whole: set[int] = set()  # the tensors prepared by their backend's prepare_group
+        if check:
+            by_backend: dict[Backend, list[int]] = {}
+            for i, backend in enumerate(batch.backends):
+                if batch.shards[i] is None:
+                    by_backend.setdefault(backend, []).append(i)
+            for backend, idx in by_backend.items():
+                done = backend.prepare_group(batch, idx)
+                if done is not None:
+                    for i, prepared in zip(idx, done[0]):
+                        batch.prepared[i] = prepared
+                    probes.local.append(done[1])
+                    whole.update(idx)
         for i, backend in enumerate(batch.backends if check else ()):
+            if i in whole:
+                if batch.sparse and batch.mode.sampled and batch.grads[i].numel():
+                    probes.scored.append((offset + i, batch.grads[i]))
+                continue
             batch.prepared[i], probe = backend.prepare(batch, i)
             if batch.shards[i] is not None:
                 probe = _minmax_probe(batch, i) if probe is DEFERRED else probe
