@@ -33,9 +33,10 @@ unit of the requested granularity) and ``[alpha, beta] = [0, 1]`` (``q = 1``), a
 
 :mod:`masked_optim.backends.dispatch` runs a param group's step on these backends:
 :func:`~masked_optim.backends.dispatch.prepare` picks each tensor's backend and runs its
-preparation (the cpp backend's stage 1 ``torch.ops.masked_optim.tensor_scalars``, whose sum of
-``g**2`` doubles as the non-finite check), then
-:func:`~masked_optim.backends.dispatch.masked_sgd_step` runs the kernels.
+preparation (the cpp backend's stage 1 ``torch.ops.masked_optim.tensor_scalars_multi``, one call
+per group, whose sums of ``g**2`` double as the non-finite check), then
+:func:`~masked_optim.backends.dispatch.masked_sgd_step` runs the kernels (the cpp backend's
+``masked_sgd_multi_``: the contract below for a list of tensors, docs/backends.md).
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@ and hands it here, in two calls so that nothing is updated before every gradient
 
 1. :func:`prepare` (all groups at once): picks each tensor's backend and runs the backend's
    preparation, which also yields the probe of the non-finite check (:class:`Probes`). The cpp
-   backend runs its fused stage 1 (``torch.ops.masked_optim.tensor_scalars``), whose float64 sum
-   of ``g**2`` is the probe and whose ``[alpha, beta]`` and scores the kernel then reuses (with
-   ``mask="scale"``, which has no stage 1, the same op computes the sum of squares alone); the
+   backend runs its fused stage 1 for the group's tensors in one call
+   (``torch.ops.masked_optim.tensor_scalars_multi``), whose float64 sums of ``g**2`` give the probe
+   and whose ``[alpha, beta]`` and scores the kernel then reuses (with ``mask="scale"``, which has
+   no stage 1, the same op computes the sums of squares alone); the
    other backends' tensors are probed together, by one multi-tensor ``torch._foreach_norm`` per
    group, device and dtype (shards: ``aminmax``).
 2. :func:`masked_sgd_step` / :func:`masked_adamw_step` (per group, once the probes are all
@@ -106,8 +107,9 @@ class GroupTensors:
 class Probes:
     """What :func:`prepare` found out for the non-finite check.
 
-    ``local``: 0-d float64 tensors, each non-finite iff its gradient holds NaN or Inf (or, for
-    tensors sampled by importance, iff a square ``g**2`` overflows); ``sharded``: the same for
+    ``local``: 0-d float64 tensors, each covering one or more gradients (a group's, for the cpp
+    backend and the multi-tensor norm), non-finite iff one of them holds NaN or Inf (or, for tensors
+    sampled by importance, iff a square ``g**2`` overflows; or, a false alarm, iff a sum overflows); ``sharded``: the same for
     sharded tensors, per all-reduce function, to be summed over the shards (every rank holds them
     in the same order); ``scored``: ``(position among all gradients, gradient)`` of the tensors
     whose importance ``g**2`` is computed, for telling overflowing squares from NaN and Inf.
