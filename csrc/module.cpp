@@ -19,7 +19,8 @@
 
 namespace masked_optim {
 
-const char* cpu_kernel_isa();  // csrc/cpu/masked_sgd_cpu.cpp
+const char* cpu_kernel_isa();     // csrc/cpu/masked_sgd_cpu.cpp
+const char* cpu_philox_low();     // csrc/cpu/masked_sgd_cpu.cpp
 
 namespace {
 
@@ -42,7 +43,7 @@ std::string build_info() {
 #else
   info += ";openmp=no";
 #endif
-  info += ";kernels=philox_uniform,masked_sgd,masked_adamw";
+  info += ";kernels=philox_uniform,masked_sgd,masked_adamw,multi_tensor";
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
   // The clone of the vectorised loops that runtime dispatch picks on this CPU (target_clones).
   __builtin_cpu_init();
@@ -55,6 +56,9 @@ std::string build_info() {
   // The hand-written paths (AVX-512 or AVX2 intrinsics, or none), lowered by MASKED_OPTIM_CPU_ISA.
   info += ";cpu_isa=";
   info += cpu_kernel_isa();
+  // How the AVX-512 Philox forms the low words of its products (MASKED_OPTIM_PHILOX_LOW).
+  info += ";philox_low=";
+  info += cpu_philox_low();
 #if defined(MASKED_OPTIM_WITH_CUDA)
   info += ";cuda=yes";
 #else

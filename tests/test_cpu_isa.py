@@ -117,3 +117,45 @@ def test_optimizer_step_is_the_same_on_every_path(tmp_path):
     for k, p in rest:
         assert abs(k - k0) <= 2, outs.keys()
         torch.testing.assert_close(p, p0, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("low", _cpp_lib.PHILOX_LOW_CHOICES)
+def test_both_philox_products_draw_the_reference_uniforms(low):
+    """The AVX-512 Philox forms the low words of its products by vpmulld or by a shuffle of the
+    products it forms anyway (csrc/cpu/masked_sgd_cpu.cpp, picked by CPU vendor): each must give the
+    reference's uniforms (docs/algorithm.md §4), through philox_uniform_ and through the fused step."""
+    _require_cpp()
+    if "avx512" not in _supported():
+        pytest.skip("this CPU has no AVX-512 path")
+    code = (
+        "import torch\n"
+        "from masked_optim.backends import _cpp_lib\n"
+        "from masked_optim.rng import philox_uniform\n"
+        "from masked_optim.functional import masked_sgd\n"
+        "print(_cpp_lib.build_info()['philox_low'])\n"
+        "for key in (0, 1, 2**32 + 5, 2**63 - 1):\n"
+        "    for n in (4, 4097, 278011):\n"
+        "        out = torch.empty(n)\n"
+        "        torch.ops.masked_optim.philox_uniform_(out, key)\n"
+        "        assert torch.equal(out, philox_uniform(key, n)), (key, n)\n"
+        "g = torch.randn(70_000)\n"
+        "p, ref = torch.zeros(70_000), torch.zeros(70_000)\n"
+        "k = torch.ops.masked_optim.masked_sgd_(p, g, torch.empty(0), None, torch.tensor([0.0, 0.3]), 99, 0.3, 0.5, 4, 1,\n"
+        "                                       False, 1.0, 0.0, 0.0, 0.0, False, False, False)[0]\n"
+        "kept = masked_sgd([ref], [g], [None], [99], lr=1.0, mask='uniform', rate=0.3)\n"
+        "assert torch.equal(p, ref) and int(k) == int(kept[0]), (int(k), kept)\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env=dict(os.environ, **{_cpp_lib.PHILOX_LOW_ENV: low}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == [low, "ok"]
+
+
+def test_an_invalid_philox_choice_is_refused_with_the_allowed_values():
+    _require_cpp()
+    code = "from masked_optim.backends import _cpp_lib\nprint(_cpp_lib.available(), _cpp_lib.unavailable_reason())\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env=dict(os.environ, **{_cpp_lib.PHILOX_LOW_ENV: "vpmul"}))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("False invalid MASKED_OPTIM_PHILOX_LOW='vpmul'") and "shuffle" in proc.stdout

@@ -61,10 +61,14 @@ constexpr int64_t kChunk = 4096;  // elements (or units) per chunk; a multiple o
 // step took 90 ms instead of 0.5 ms while another process kept one of two cores busy.
 constexpr int64_t kGrain = at::internal::GRAIN_SIZE;
 constexpr int64_t kGrainChunks = kGrain / kChunk;
-// The fused element pass draws and applies 256 elements at a time: small enough that the loads of
-// the update overlap the Philox arithmetic of the next piece (measured on the development machine,
-// 10M fp32: Philox + update 3.3-3.4 ms at 256 against 4.1-4.9 ms when drawing 4096 at once).
-constexpr int64_t kSubChunk = 256;
+// The fused element pass draws and applies 128 elements at a time, within the update function (one
+// call per chunk): small enough that the out-of-order core overlaps the loads and stores of one piece
+// with the Philox arithmetic of the next. Measured: on the Zen 5 VM, 10M fp32, Philox + update
+// 3.3-3.4 ms at 256 against 4.1-4.9 ms when drawing 4096 at once; on the Intel VM (Xeon, KVM, family 6
+// model 167, 2 threads), the amss update at 100M 65-66 -> 56 ms and at 10M 6.3 -> 5.4 ms from 256
+// pieces drawn outside the update function (one call per piece) to 128 drawn inside it; 64 (one
+// Philox group, a single dependence chain) was slower than either.
+constexpr int64_t kSubChunk = 128;
 // Reductions keep kLanes independent partial results so that they vectorise without -ffast-math
 // (a scalar float accumulator is a loop-carried dependence the compiler may not reassociate).
 // 32, not 16: with 16 lanes GCC 12 leaves the sum-and-max loop of square_sum_max mostly scalar
@@ -97,6 +101,27 @@ CpuIsa detect_isa() {
 }
 const CpuIsa kIsa = detect_isa();
 
+// How the AVX-512 Philox forms the low words of its 32 x 32 -> 64-bit products: one vpmulld, or
+// from the two vpmuludq products it forms for the high words anyway, by one masked vpshufd. vpmulld
+// is one fast instruction on AMD Zen 4/5 (the shuffle was 5-7% slower there) and two slow uops on
+// Intel's AVX-512 cores, where the shuffle is faster (Xeon, KVM, family 6 model 167, one thread,
+// 64K uniforms in L2: 0.46 -> 0.41 ns per uniform with four groups, 0.42 -> 0.38 with two; the
+// 10M-parameter update 5.3-5.4 -> 4.9-5.1 ms in amss). Intel CPUs take the shuffle;
+// MASKED_OPTIM_PHILOX_LOW=mullo|shuffle overrides it (read once, when the library loads; checked in
+// masked_optim/backends/_cpp_lib.py), so that tests run both on one machine.
+bool detect_low_by_shuffle() {
+  bool shuffle = false;
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(MASKED_OPTIM_NO_AVX512)
+  __builtin_cpu_init();
+  shuffle = __builtin_cpu_is("intel");
+#endif
+  const char* env = std::getenv("MASKED_OPTIM_PHILOX_LOW");
+  if (env != nullptr && std::string(env) == "mullo") return false;
+  if (env != nullptr && std::string(env) == "shuffle") return true;
+  return shuffle;
+}
+const bool kLowByShuffle = detect_low_by_shuffle();
+
 // Uniforms of units [4 * first_block, 4 * (first_block + nblocks)) into out[0 .. 4 * nblocks).
 // Portable version: the compiler vectorises it across counters in the x86-64-v3/v4 clones.
 MASKED_OPTIM_CLONES void fill_uniforms_generic(uint64_t key, int64_t first_block, int64_t nblocks, float* __restrict out) {
@@ -113,21 +138,26 @@ MASKED_OPTIM_CLONES void fill_uniforms_generic(uint64_t key, int64_t first_block
 }
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(MASKED_OPTIM_NO_AVX512)
-// AVX-512 version, four independent groups of 16 Philox blocks (256 uniforms, one kSubChunk) per
-// iteration: the rounds of one group are a dependence chain, and the other groups fill its latency
+// AVX-512 version, four independent groups of 16 Philox blocks (256 uniforms; a piece of kSubChunk
+// takes two) per iteration: the rounds of one group are a dependence chain, and the other groups fill its latency
 // (2-core AMD EPYC, one thread, 10M uniforms into L1: 5.4 ms with one group and the blended low half,
 // 3.9 ms with two groups and vpmulld, on Zen 4; on Zen 5, 256K uniforms in L2, 0.256 ns per uniform
 // with two groups, 0.218 with three, 0.205 with four, and 5-7% slower with the blended low half).
 // The high half of a 32 x 32 -> 64-bit product comes from two vpmuludq (even and odd lanes) and one
 // masked vpshufd that moves the even lanes' high words down (a shift and a blend were 9% slower:
 // Zen 5, one thread, 64K uniforms in L1, 0.166 against 0.182 ns per uniform; two-source vpermt2d
-// for either half, 10-20% slower), the low half from one vpmulld; the three-way xor is one
-// vpternlogd.
+// for either half, 10-20% slower), the low half from one vpmulld or one more masked vpshufd
+// (kLowByShuffle); the three-way xor is one vpternlogd.
+template <bool kShuffleLow>
 __attribute__((target("avx512f"))) inline void mulhilo16(__m512i a, __m512i x, __m512i& hi, __m512i& lo) {
   const __m512i even = _mm512_mul_epu32(x, a);                         // 64-bit products of lanes 0, 2, ...
   const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), a);   // ... of lanes 1, 3, ...
   hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_DDBB);  // even lanes: the words above them
-  lo = _mm512_mullo_epi32(x, a);
+  if constexpr (kShuffleLow) {
+    lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CCAA);  // odd lanes: the words below them
+  } else {
+    lo = _mm512_mullo_epi32(x, a);
+  }
 }
 
 __attribute__((target("avx512f"))) inline __m512 to_uniform16(__m512i x) {
@@ -138,7 +168,7 @@ __attribute__((target("avx512f"))) inline __m512 to_uniform16(__m512i x) {
 
 // Philox4x32-10 of kGroups groups of 16 consecutive counters starting at `base`, written as
 // 64 * kGroups consecutive uniforms [b0w0 b0w1 b0w2 b0w3 b1w0 ...] at `dst`.
-template <int kGroups>
+template <int kGroups, bool kShuffleLow>
 __attribute__((target("avx512f"))) inline void philox_groups(const __m512i* k0, const __m512i* k1, uint64_t base,
                                                              float* __restrict dst) {
   const __m512i m0 = _mm512_set1_epi32(static_cast<int32_t>(kPhiloxM0));
@@ -158,8 +188,8 @@ __attribute__((target("avx512f"))) inline void philox_groups(const __m512i* k0, 
   for (int r = 0; r < 10; ++r) {
     for (int j = 0; j < kGroups; ++j) {
       __m512i hi0, lo0, hi1, lo1;
-      mulhilo16(m0, c0[j], hi0, lo0);
-      mulhilo16(m1, c2[j], hi1, lo1);
+      mulhilo16<kShuffleLow>(m0, c0[j], hi0, lo0);
+      mulhilo16<kShuffleLow>(m1, c2[j], hi1, lo1);
       c0[j] = _mm512_ternarylogic_epi32(hi1, c1[j], k0[r], 0x96);  // hi1 ^ c1 ^ k0
       c2[j] = _mm512_ternarylogic_epi32(hi0, c3[j], k1[r], 0x96);  // hi0 ^ c3 ^ k1
       c1[j] = lo1;
@@ -184,6 +214,7 @@ __attribute__((target("avx512f"))) inline void philox_groups(const __m512i* k0, 
   }
 }
 
+template <bool kShuffleLow>
 __attribute__((target("avx512f"))) void fill_uniforms_avx512(uint64_t key, int64_t first_block, int64_t nblocks,
                                                              float* __restrict out) {
   __m512i k0[10], k1[10];
@@ -194,24 +225,29 @@ __attribute__((target("avx512f"))) void fill_uniforms_avx512(uint64_t key, int64
   }
   int64_t blk = 0;
   for (; blk + 64 <= nblocks; blk += 64) {
-    philox_groups<4>(k0, k1, static_cast<uint64_t>(first_block + blk), out + 4 * blk);
+    philox_groups<4, kShuffleLow>(k0, k1, static_cast<uint64_t>(first_block + blk), out + 4 * blk);
   }
   for (; blk + 32 <= nblocks; blk += 32) {
-    philox_groups<2>(k0, k1, static_cast<uint64_t>(first_block + blk), out + 4 * blk);
+    philox_groups<2, kShuffleLow>(k0, k1, static_cast<uint64_t>(first_block + blk), out + 4 * blk);
   }
   for (; blk + 16 <= nblocks; blk += 16) {
-    philox_groups<1>(k0, k1, static_cast<uint64_t>(first_block + blk), out + 4 * blk);
+    philox_groups<1, kShuffleLow>(k0, k1, static_cast<uint64_t>(first_block + blk), out + 4 * blk);
   }
   if (blk < nblocks) fill_uniforms_generic(key, first_block + blk, nblocks - blk, out + 4 * blk);
 }
 
 #else
+template <bool kShuffleLow>
 inline void fill_uniforms_avx512(uint64_t, int64_t, int64_t, float*) {}
 #endif
 
 inline void fill_uniforms(uint64_t key, int64_t first_block, int64_t nblocks, float* __restrict out) {
   if (kIsa == CpuIsa::kAvx512) {
-    fill_uniforms_avx512(key, first_block, nblocks, out);
+    if (kLowByShuffle) {
+      fill_uniforms_avx512<true>(key, first_block, nblocks, out);
+    } else {
+      fill_uniforms_avx512<false>(key, first_block, nblocks, out);
+    }
   } else {
     fill_uniforms_generic(key, first_block, nblocks, out);
   }
@@ -247,13 +283,16 @@ struct KeepBits {
 // parameters (with either one a run-time select, the loop does not vectorise: ~4x slower).
 template <bool kMomentum, bool kFixedQ, bool kUnbiased, typename scalar_t, typename acc_t>
 MASKED_OPTIM_CLONES int64_t update_elements(const Hyper<acc_t> h, const scalar_t* __restrict g, scalar_t* __restrict p,
-                                            scalar_t* __restrict b, int64_t begin, int64_t end,
-                                            const float* __restrict u) {
+                                            scalar_t* __restrict b, int64_t begin, int64_t end, bool sampled) {
+  alignas(64) float u[kSubChunk];
+  if (!sampled) std::fill(u, u + kSubChunk, 0.0f);
   int32_t kept = 0;  // a chunk holds at most kChunk elements
-  const int64_t n = end - begin;
-  const scalar_t* __restrict gc = g + begin;
-  scalar_t* __restrict pc = p + begin;
-  scalar_t* __restrict bc = kMomentum ? b + begin : nullptr;
+  for (int64_t piece = begin; piece < end; piece += kSubChunk) {
+  const int64_t n = std::min(end - piece, kSubChunk);
+  if (sampled) fill_uniforms(h.key, piece / 4, (n + 3) / 4, u);
+  const scalar_t* __restrict gc = g + piece;
+  scalar_t* __restrict pc = p + piece;
+  scalar_t* __restrict bc = kMomentum ? b + piece : nullptr;
   for (int64_t i = 0; i < n; ++i) {
     const acc_t gv = signed_grad(h, static_cast<acc_t>(gc[i]));
     const acc_t q = unit_probability<kFixedQ>(h, mul_rn(gv, gv));
@@ -268,6 +307,7 @@ MASKED_OPTIM_CLONES int64_t update_elements(const Hyper<acc_t> h, const scalar_t
     sgd_update<kMomentum>(h, gm, pv, bv);
     pc[i] = static_cast<scalar_t>(pv);
     if (kMomentum) bc[i] = static_cast<scalar_t>(bv);
+  }
   }
   return kept;
 }
@@ -1186,19 +1226,11 @@ const acc_t* mask_stage1(Hyper<acc_t>& h, Stage1<acc_t>& st, const at::Tensor& g
 // kSubChunk) whose uniforms are u[0 .. end - begin) (zeros when nothing is sampled: with q = 1 every
 // element is kept) and returns how many it kept. Returns the total.
 template <typename Fn>
-int64_t for_each_element_piece(int64_t numel, bool sampled, uint64_t key, const Fn& fn) {
+int64_t for_each_element_chunk(int64_t numel, const Fn& fn) {
   PerThread<int64_t> kept_per_thread(at::get_num_threads(), 0);
   at::parallel_for(0, (numel + kChunk - 1) / kChunk, kGrainChunks, [&](int64_t c0, int64_t c1) {
-    alignas(64) float u[kChunk];
-    if (!sampled) std::fill(u, u + kChunk, 0.0f);
     int64_t kept = 0;
-    const int64_t sub_end = std::min(c1 * (kChunk / kSubChunk), (numel + kSubChunk - 1) / kSubChunk);
-    for (int64_t c = c0 * (kChunk / kSubChunk); c < sub_end; ++c) {
-      const int64_t begin = c * kSubChunk;
-      const int64_t end = std::min(numel, begin + kSubChunk);
-      if (sampled) fill_uniforms(key, begin / 4, (end - begin + 3) / 4, u);
-      kept += fn(begin, end, static_cast<const float*>(u));
-    }
+    for (int64_t c = c0; c < c1; ++c) kept += fn(c * kChunk, std::min(numel, (c + 1) * kChunk));
     kept_per_thread[at::get_thread_num()] += kept;
   });
   return kept_per_thread.total();
@@ -1302,17 +1334,17 @@ int64_t masked_sgd_impl(at::Tensor& param, const at::Tensor& grad, at::Tensor& b
   // ---- stage 2: fused sample, mask, rescale and SGD update (csrc/masked_sgd_math.h)
   int64_t kept = 0;
   if (!un.channel || !sampled) {
-    kept = for_each_element_piece(un.numel, sampled, h.key, [&](int64_t begin, int64_t end, const float* u) -> int64_t {
+    kept = for_each_element_chunk(un.numel, [&](int64_t begin, int64_t end) -> int64_t {
       if (h.fixed_q) {
-        return h.has_momentum ? update_elements<true, true, false, scalar_t, acc_t>(h, g, p, b, begin, end, u)
-                              : update_elements<false, true, false, scalar_t, acc_t>(h, g, p, b, begin, end, u);
+        return h.has_momentum ? update_elements<true, true, false, scalar_t, acc_t>(h, g, p, b, begin, end, sampled)
+                              : update_elements<false, true, false, scalar_t, acc_t>(h, g, p, b, begin, end, sampled);
       }
       if (h.unbiased) {
-        return h.has_momentum ? update_elements<true, false, true, scalar_t, acc_t>(h, g, p, b, begin, end, u)
-                              : update_elements<false, false, true, scalar_t, acc_t>(h, g, p, b, begin, end, u);
+        return h.has_momentum ? update_elements<true, false, true, scalar_t, acc_t>(h, g, p, b, begin, end, sampled)
+                              : update_elements<false, false, true, scalar_t, acc_t>(h, g, p, b, begin, end, sampled);
       }
-      return h.has_momentum ? update_elements<true, false, false, scalar_t, acc_t>(h, g, p, b, begin, end, u)
-                            : update_elements<false, false, false, scalar_t, acc_t>(h, g, p, b, begin, end, u);
+      return h.has_momentum ? update_elements<true, false, false, scalar_t, acc_t>(h, g, p, b, begin, end, sampled)
+                            : update_elements<false, false, false, scalar_t, acc_t>(h, g, p, b, begin, end, sampled);
     });
   } else {
     kept = for_each_unit_block(un.n_units, un.inner, h.key, [&](int64_t ubegin, int64_t uend, const float* u) -> int64_t {
@@ -1362,16 +1394,19 @@ std::tuple<at::Tensor, at::Tensor> masked_sgd_cpu(at::Tensor& param, const at::T
 template <bool kFixedQ, bool kAmsgrad, typename scalar_t, typename acc_t>
 MASKED_OPTIM_CLONES int64_t adamw_elements(const Hyper<acc_t> h, const AdamHyper<acc_t> a, const scalar_t* __restrict g,
                                            scalar_t* __restrict p, scalar_t* __restrict m, scalar_t* __restrict v,
-                                           scalar_t* __restrict vmax, int64_t begin, int64_t end,
-                                           const float* __restrict u) {
-  int32_t kept = 0;  // a piece holds at most kSubChunk elements
-  const int64_t n = end - begin;
+                                           scalar_t* __restrict vmax, int64_t begin, int64_t end, bool sampled) {
+  alignas(64) float u[kSubChunk];
+  if (!sampled) std::fill(u, u + kSubChunk, 0.0f);
+  int32_t kept = 0;  // a chunk holds at most kChunk elements
   const acc_t sign = h.maximize ? acc_t(-1) : acc_t(1);
-  const scalar_t* __restrict gc = g + begin;
-  scalar_t* __restrict pc = p + begin;
-  scalar_t* __restrict mc = m + begin;
-  scalar_t* __restrict vc = v + begin;
-  scalar_t* __restrict xc = kAmsgrad ? vmax + begin : nullptr;
+  for (int64_t piece = begin; piece < end; piece += kSubChunk) {
+  const int64_t n = std::min(end - piece, kSubChunk);
+  if (sampled) fill_uniforms(h.key, piece / 4, (n + 3) / 4, u);
+  const scalar_t* __restrict gc = g + piece;
+  scalar_t* __restrict pc = p + piece;
+  scalar_t* __restrict mc = m + piece;
+  scalar_t* __restrict vc = v + piece;
+  scalar_t* __restrict xc = kAmsgrad ? vmax + piece : nullptr;
   for (int64_t i = 0; i < n; ++i) {
     const acc_t gv = static_cast<acc_t>(gc[i]) * sign;
     const acc_t q = unit_probability<kFixedQ>(h, mul_rn(gv, gv));
@@ -1384,6 +1419,7 @@ MASKED_OPTIM_CLONES int64_t adamw_elements(const Hyper<acc_t> h, const AdamHyper
     mc[i] = static_cast<scalar_t>(mv);
     vc[i] = static_cast<scalar_t>(vv);
     if (kAmsgrad) xc[i] = static_cast<scalar_t>(xv);
+  }
   }
   return kept;
 }
@@ -1450,13 +1486,13 @@ std::tuple<at::Tensor, at::Tensor> masked_adamw_impl(at::Tensor& param, const at
 
   int64_t kept = 0;
   if (!un.channel || !sampled) {
-    kept = for_each_element_piece(un.numel, sampled, h.key, [&](int64_t begin, int64_t end, const float* u) -> int64_t {
+    kept = for_each_element_chunk(un.numel, [&](int64_t begin, int64_t end) -> int64_t {
       if (h.fixed_q) {
-        return amsgrad ? adamw_elements<true, true, scalar_t, acc_t>(h, a, g, p, m, v, vmax, begin, end, u)
-                       : adamw_elements<true, false, scalar_t, acc_t>(h, a, g, p, m, v, vmax, begin, end, u);
+        return amsgrad ? adamw_elements<true, true, scalar_t, acc_t>(h, a, g, p, m, v, vmax, begin, end, sampled)
+                       : adamw_elements<true, false, scalar_t, acc_t>(h, a, g, p, m, v, vmax, begin, end, sampled);
       }
-      return amsgrad ? adamw_elements<false, true, scalar_t, acc_t>(h, a, g, p, m, v, vmax, begin, end, u)
-                     : adamw_elements<false, false, scalar_t, acc_t>(h, a, g, p, m, v, vmax, begin, end, u);
+      return amsgrad ? adamw_elements<false, true, scalar_t, acc_t>(h, a, g, p, m, v, vmax, begin, end, sampled)
+                     : adamw_elements<false, false, scalar_t, acc_t>(h, a, g, p, m, v, vmax, begin, end, sampled);
     });
   } else {
     kept = for_each_unit_block(un.n_units, un.inner, h.key, [&](int64_t ubegin, int64_t uend, const float* u) -> int64_t {
@@ -1722,6 +1758,9 @@ const char* cpu_kernel_isa() {
     default: return "generic";
   }
 }
+
+// The low words of the AVX-512 Philox products in use (build_info): "mullo" or "shuffle".
+const char* cpu_philox_low() { return kLowByShuffle ? "shuffle" : "mullo"; }
 
 TORCH_LIBRARY_IMPL(masked_optim, CPU, m) {
   m.impl("masked_sgd_", &masked_sgd_cpu);

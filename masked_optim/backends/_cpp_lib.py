@@ -18,6 +18,9 @@ DISABLE_ENV = "MASKED_OPTIM_DISABLE_EXTENSION"
 # Lowers the hand-written CPU paths (read by the library when it loads; for tests and comparisons).
 ISA_ENV = "MASKED_OPTIM_CPU_ISA"
 ISA_CHOICES = ("avx512", "avx2", "generic")
+# How the AVX-512 Philox forms the low words of its products (unset: by the CPU's vendor; csrc/cpu).
+PHILOX_LOW_ENV = "MASKED_OPTIM_PHILOX_LOW"
+PHILOX_LOW_CHOICES = ("mullo", "shuffle")
 
 
 def _load() -> None:
@@ -31,6 +34,10 @@ def _load() -> None:
     isa = os.environ.get(ISA_ENV, "")
     if isa not in ("",) + ISA_CHOICES:
         _REASON = f"invalid {ISA_ENV}={isa!r}; allowed: one of {ISA_CHOICES} (or unset for the best this CPU supports)"
+        return
+    low = os.environ.get(PHILOX_LOW_ENV, "")
+    if low not in ("",) + PHILOX_LOW_CHOICES:
+        _REASON = f"invalid {PHILOX_LOW_ENV}={low!r}; allowed: one of {PHILOX_LOW_CHOICES} (or unset for the CPU's best)"
         return
     try:
         import torch  # noqa: F401  (the extension links against libtorch)
