@@ -21,6 +21,7 @@ namespace masked_optim {
 
 const char* cpu_kernel_isa();     // csrc/cpu/masked_sgd_cpu.cpp
 const char* cpu_philox_low();     // csrc/cpu/masked_sgd_cpu.cpp
+int64_t cpu_prefetch_bytes();     // csrc/cpu/masked_sgd_cpu.cpp
 
 namespace {
 
@@ -59,6 +60,8 @@ std::string build_info() {
   // How the AVX-512 Philox forms the low words of its products (MASKED_OPTIM_PHILOX_LOW).
   info += ";philox_low=";
   info += cpu_philox_low();
+  // The software prefetch distance of the streaming CPU passes (MASKED_OPTIM_PREFETCH).
+  info += ";prefetch=" + std::to_string(cpu_prefetch_bytes());
 #if defined(MASKED_OPTIM_WITH_CUDA)
   info += ";cuda=yes";
 #else

@@ -159,3 +159,45 @@ def test_an_invalid_philox_choice_is_refused_with_the_allowed_values():
                           env=dict(os.environ, **{_cpp_lib.PHILOX_LOW_ENV: "vpmul"}))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("False invalid MASKED_OPTIM_PHILOX_LOW='vpmul'") and "shuffle" in proc.stdout
+
+
+def test_the_prefetch_distance_changes_no_result(tmp_path):
+    """MASKED_OPTIM_PREFETCH sets the software prefetch distance of the streaming passes (by CPU
+    vendor when unset; build_info reports it): the same step with none and with a long one."""
+    _require_cpp()
+    code = (
+        "import torch\n"
+        "from masked_optim import MaskedMultiModalSGD\n"
+        "from masked_optim.backends import _cpp_lib\n"
+        "torch.manual_seed(0)\n"
+        "ps = [torch.randn(n, requires_grad=True) for n in (300_000, 70_001, 5)]\n"
+        "for p in ps: p.grad = torch.randn(p.shape) * torch.rand(p.shape) ** 4\n"
+        "outs = []\n"
+        "for mask in ('amss+', 'uniform', 'scale'):\n"
+        "    opt = MaskedMultiModalSGD([{'params': ps, 'modality': 'm'}], lr=0.1, momentum=0.9, mask=mask, backend='cpp')\n"
+        "    opt.step(rates={'m': 0.3}); opt.step(rates={'m': 0.3})\n"
+        "    outs.append(opt.last_step_stats()['m'].kept_units)\n"
+        "print(_cpp_lib.build_info()['prefetch'], outs)\n"
+        "torch.save([p.detach() for p in ps], 'OUT')\n"
+    )
+    results = {}
+    for bytes_ in ("0", "65536"):
+        path = tmp_path / f"{bytes_}.pt"
+        proc = subprocess.run([sys.executable, "-c", code.replace("OUT", str(path))], capture_output=True, text=True,
+                              cwd=ROOT, timeout=600, env=dict(os.environ, **{_cpp_lib.PREFETCH_ENV: bytes_}))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reported, kept = proc.stdout.split(" ", 1)
+        assert reported == bytes_
+        results[bytes_] = (kept, torch.load(path))
+    assert results["0"][0] == results["65536"][0]
+    assert all(torch.equal(a, b) for a, b in zip(results["0"][1], results["65536"][1]))
+
+
+@pytest.mark.parametrize("bad", ["-5", "lots", str((1 << 20) + 1)])
+def test_an_invalid_prefetch_distance_is_refused(bad):
+    _require_cpp()
+    code = "from masked_optim.backends import _cpp_lib\nprint(_cpp_lib.available(), _cpp_lib.unavailable_reason())\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env=dict(os.environ, **{_cpp_lib.PREFETCH_ENV: bad}))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"False invalid MASKED_OPTIM_PREFETCH={bad!r}") and "bytes" in proc.stdout

@@ -21,6 +21,8 @@ ISA_CHOICES = ("avx512", "avx2", "generic")
 # How the AVX-512 Philox forms the low words of its products (unset: by the CPU's vendor; csrc/cpu).
 PHILOX_LOW_ENV = "MASKED_OPTIM_PHILOX_LOW"
 PHILOX_LOW_CHOICES = ("mullo", "shuffle")
+# Software prefetch distance of the streaming CPU passes, in bytes (unset: by the CPU's vendor).
+PREFETCH_ENV = "MASKED_OPTIM_PREFETCH"
 
 
 def _load() -> None:
@@ -38,6 +40,10 @@ def _load() -> None:
     low = os.environ.get(PHILOX_LOW_ENV, "")
     if low not in ("",) + PHILOX_LOW_CHOICES:
         _REASON = f"invalid {PHILOX_LOW_ENV}={low!r}; allowed: one of {PHILOX_LOW_CHOICES} (or unset for the CPU's best)"
+        return
+    prefetch = os.environ.get(PREFETCH_ENV, "")
+    if prefetch and not (prefetch.isdigit() and int(prefetch) <= 1 << 20):
+        _REASON = f"invalid {PREFETCH_ENV}={prefetch!r}; allowed: a distance in bytes from 0 (none) to {1 << 20}"
         return
     try:
         import torch  # noqa: F401  (the extension links against libtorch)
