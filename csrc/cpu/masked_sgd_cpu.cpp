@@ -1443,6 +1443,15 @@ MASKED_OPTIM_CLONES int64_t adamw_elements(const Hyper<acc_t> h, const AdamHyper
   const acc_t sign = h.maximize ? acc_t(-1) : acc_t(1);
   for (int64_t piece = begin; piece < end; piece += kSubChunk) {
   const int64_t n = std::min(end - piece, kSubChunk);
+  if (kPrefetch > 0) {  // as update_elements'
+    for (size_t off = 0; off < kSubChunk * sizeof(scalar_t); off += 64) {
+      __builtin_prefetch(reinterpret_cast<const char*>(g + piece) + kPrefetch + off, 0, 3);
+      __builtin_prefetch(reinterpret_cast<const char*>(p + piece) + kPrefetch + off, 1, 3);
+      __builtin_prefetch(reinterpret_cast<const char*>(m + piece) + kPrefetch + off, 1, 3);
+      __builtin_prefetch(reinterpret_cast<const char*>(v + piece) + kPrefetch + off, 1, 3);
+      if (kAmsgrad) __builtin_prefetch(reinterpret_cast<const char*>(vmax + piece) + kPrefetch + off, 1, 3);
+    }
+  }
   if (sampled) fill_uniforms(h.key, piece / 4, (n + 3) / 4, u);
   const scalar_t* __restrict gc = g + piece;
   scalar_t* __restrict pc = p + piece;
