@@ -159,8 +159,8 @@ MASKED_OPTIM_CLONES void fill_uniforms_generic(uint64_t key, int64_t first_block
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(MASKED_OPTIM_NO_AVX512)
 // AVX-512 version, four independent groups of 16 Philox blocks (256 uniforms; a piece of kSubChunk
-// takes two) per iteration: the rounds of one group are a dependence chain, and the other groups fill its latency
-// (2-core AMD EPYC, one thread, 10M uniforms into L1: 5.4 ms with one group and the blended low half,
+// takes two) per iteration: the rounds of one group are a dependence chain, and the other groups
+// fill its latency (2-core AMD EPYC, one thread, 10M uniforms into L1: 5.4 ms with one group and the blended low half,
 // 3.9 ms with two groups and vpmulld, on Zen 4; on Zen 5, 256K uniforms in L2, 0.256 ns per uniform
 // with two groups, 0.218 with three, 0.205 with four, and 5-7% slower with the blended low half).
 // The high half of a 32 x 32 -> 64-bit product comes from two vpmuludq (even and odd lanes) and one
@@ -296,8 +296,18 @@ struct KeepBits {
   static acc_t apply(U mask, acc_t x) { return __builtin_bit_cast(acc_t, __builtin_bit_cast(U, x) & mask); }
 };
 
-// Element granularity: elements [begin, end) of a chunk whose uniforms are u[0 .. end - begin).
-// Unsampled steps (dense, scale) pass u = 0 with q = 1 (h.fixed_q), so every element is kept with
+// The lines of the kSubChunk elements kPrefetch bytes after x (nothing when kPrefetch is 0), to read,
+// or to write (kWrite). A prefetch past the end of the tensor is harmless (it never faults).
+template <bool kWrite, typename scalar_t>
+inline void prefetch_piece(const scalar_t* x) {
+  if (kPrefetch <= 0) return;
+  const char* a = reinterpret_cast<const char*>(x) + kPrefetch;
+  for (size_t off = 0; off < kSubChunk * sizeof(scalar_t); off += 64) __builtin_prefetch(a + off, kWrite ? 1 : 0, 3);
+}
+
+// Element granularity: elements [begin, end) of a chunk, drawn and updated kSubChunk at a time (a
+// piece's uniforms just before its update, keyed by h.key). Unsampled steps (dense, scale) use
+// u = 0 with q = 1 (h.fixed_q), so every element is kept with
 // weight grad_scale: 1 exactly, or the rate in mode scale (g~ = g * rate, one rounded product).
 // The math is csrc/masked_sgd_math.h; the presence of a momentum buffer and h.fixed_q are template
 // parameters (with either one a run-time select, the loop does not vectorise: ~4x slower).
@@ -308,33 +318,29 @@ MASKED_OPTIM_CLONES int64_t update_elements(const Hyper<acc_t> h, const scalar_t
   if (!sampled) std::fill(u, u + kSubChunk, 0.0f);
   int32_t kept = 0;  // a chunk holds at most kChunk elements
   for (int64_t piece = begin; piece < end; piece += kSubChunk) {
-  const int64_t n = std::min(end - piece, kSubChunk);
-  if (kPrefetch > 0) {  // the lines of a piece kPrefetch bytes ahead in each stream (p and b to write)
-    for (size_t off = 0; off < kSubChunk * sizeof(scalar_t); off += 64) {
-      __builtin_prefetch(reinterpret_cast<const char*>(g + piece) + kPrefetch + off, 0, 3);
-      __builtin_prefetch(reinterpret_cast<const char*>(p + piece) + kPrefetch + off, 1, 3);
-      if (kMomentum) __builtin_prefetch(reinterpret_cast<const char*>(b + piece) + kPrefetch + off, 1, 3);
+    const int64_t n = std::min(end - piece, kSubChunk);
+    prefetch_piece<false>(g + piece);  // the piece kPrefetch bytes ahead, p and b to be written
+    prefetch_piece<true>(p + piece);
+    if (kMomentum) prefetch_piece<true>(b + piece);
+    if (sampled) fill_uniforms(h.key, piece / 4, (n + 3) / 4, u);
+    const scalar_t* __restrict gc = g + piece;
+    scalar_t* __restrict pc = p + piece;
+    scalar_t* __restrict bc = kMomentum ? b + piece : nullptr;
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t gv = signed_grad(h, static_cast<acc_t>(gc[i]));
+      const acc_t q = unit_probability<kFixedQ>(h, mul_rn(gv, gv));
+      const auto keep = KeepBits<acc_t>::mask(u[i], q);
+      kept += static_cast<int32_t>(keep & 1);
+      // With a fixed q the weight is loop-invariant either way; otherwise kUnbiased spares the biased
+      // modes a division per element (100M fp32 in 15 tensors, amss: the update 22.1 -> 21.6 ms).
+      const acc_t w = kFixedQ ? unit_weight(h, q) : unit_weight<kUnbiased>(h, q);
+      const acc_t gm = KeepBits<acc_t>::apply(keep, mul_rn(gv, w));
+      acc_t pv = static_cast<acc_t>(pc[i]);
+      acc_t bv = kMomentum ? static_cast<acc_t>(bc[i]) : acc_t(0);
+      sgd_update<kMomentum>(h, gm, pv, bv);
+      pc[i] = static_cast<scalar_t>(pv);
+      if (kMomentum) bc[i] = static_cast<scalar_t>(bv);
     }
-  }
-  if (sampled) fill_uniforms(h.key, piece / 4, (n + 3) / 4, u);
-  const scalar_t* __restrict gc = g + piece;
-  scalar_t* __restrict pc = p + piece;
-  scalar_t* __restrict bc = kMomentum ? b + piece : nullptr;
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t gv = signed_grad(h, static_cast<acc_t>(gc[i]));
-    const acc_t q = unit_probability<kFixedQ>(h, mul_rn(gv, gv));
-    const auto keep = KeepBits<acc_t>::mask(u[i], q);
-    kept += static_cast<int32_t>(keep & 1);
-    // With a fixed q the weight is loop-invariant either way; otherwise kUnbiased spares the biased
-    // modes a division per element (100M fp32 in 15 tensors, amss: the update 22.1 -> 21.6 ms).
-    const acc_t w = kFixedQ ? unit_weight(h, q) : unit_weight<kUnbiased>(h, q);
-    const acc_t gm = KeepBits<acc_t>::apply(keep, mul_rn(gv, w));
-    acc_t pv = static_cast<acc_t>(pc[i]);
-    acc_t bv = kMomentum ? static_cast<acc_t>(bc[i]) : acc_t(0);
-    sgd_update<kMomentum>(h, gm, pv, bv);
-    pc[i] = static_cast<scalar_t>(pv);
-    if (kMomentum) bc[i] = static_cast<scalar_t>(bv);
-  }
   }
   return kept;
 }
@@ -1442,35 +1448,31 @@ MASKED_OPTIM_CLONES int64_t adamw_elements(const Hyper<acc_t> h, const AdamHyper
   int32_t kept = 0;  // a chunk holds at most kChunk elements
   const acc_t sign = h.maximize ? acc_t(-1) : acc_t(1);
   for (int64_t piece = begin; piece < end; piece += kSubChunk) {
-  const int64_t n = std::min(end - piece, kSubChunk);
-  if (kPrefetch > 0) {  // as update_elements'
-    for (size_t off = 0; off < kSubChunk * sizeof(scalar_t); off += 64) {
-      __builtin_prefetch(reinterpret_cast<const char*>(g + piece) + kPrefetch + off, 0, 3);
-      __builtin_prefetch(reinterpret_cast<const char*>(p + piece) + kPrefetch + off, 1, 3);
-      __builtin_prefetch(reinterpret_cast<const char*>(m + piece) + kPrefetch + off, 1, 3);
-      __builtin_prefetch(reinterpret_cast<const char*>(v + piece) + kPrefetch + off, 1, 3);
-      if (kAmsgrad) __builtin_prefetch(reinterpret_cast<const char*>(vmax + piece) + kPrefetch + off, 1, 3);
+    const int64_t n = std::min(end - piece, kSubChunk);
+    prefetch_piece<false>(g + piece);  // as update_elements'
+    prefetch_piece<true>(p + piece);
+    prefetch_piece<true>(m + piece);
+    prefetch_piece<true>(v + piece);
+    if (kAmsgrad) prefetch_piece<true>(vmax + piece);
+    if (sampled) fill_uniforms(h.key, piece / 4, (n + 3) / 4, u);
+    const scalar_t* __restrict gc = g + piece;
+    scalar_t* __restrict pc = p + piece;
+    scalar_t* __restrict mc = m + piece;
+    scalar_t* __restrict vc = v + piece;
+    scalar_t* __restrict xc = kAmsgrad ? vmax + piece : nullptr;
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t gv = static_cast<acc_t>(gc[i]) * sign;
+      const acc_t q = unit_probability<kFixedQ>(h, mul_rn(gv, gv));
+      const bool keep = keep_unit(u[i], q);
+      kept += keep ? 1 : 0;
+      acc_t pv = static_cast<acc_t>(pc[i]), mv = static_cast<acc_t>(mc[i]), vv = static_cast<acc_t>(vc[i]);
+      acc_t xv = kAmsgrad ? static_cast<acc_t>(xc[i]) : acc_t(0);
+      adamw_update(a, gv, keep, unit_weight(h, q), pv, mv, vv, xv);
+      pc[i] = static_cast<scalar_t>(pv);
+      mc[i] = static_cast<scalar_t>(mv);
+      vc[i] = static_cast<scalar_t>(vv);
+      if (kAmsgrad) xc[i] = static_cast<scalar_t>(xv);
     }
-  }
-  if (sampled) fill_uniforms(h.key, piece / 4, (n + 3) / 4, u);
-  const scalar_t* __restrict gc = g + piece;
-  scalar_t* __restrict pc = p + piece;
-  scalar_t* __restrict mc = m + piece;
-  scalar_t* __restrict vc = v + piece;
-  scalar_t* __restrict xc = kAmsgrad ? vmax + piece : nullptr;
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t gv = static_cast<acc_t>(gc[i]) * sign;
-    const acc_t q = unit_probability<kFixedQ>(h, mul_rn(gv, gv));
-    const bool keep = keep_unit(u[i], q);
-    kept += keep ? 1 : 0;
-    acc_t pv = static_cast<acc_t>(pc[i]), mv = static_cast<acc_t>(mc[i]), vv = static_cast<acc_t>(vc[i]);
-    acc_t xv = kAmsgrad ? static_cast<acc_t>(xc[i]) : acc_t(0);
-    adamw_update(a, gv, keep, unit_weight(h, q), pv, mv, vv, xv);
-    pc[i] = static_cast<scalar_t>(pv);
-    mc[i] = static_cast<scalar_t>(mv);
-    vc[i] = static_cast<scalar_t>(vv);
-    if (kAmsgrad) xc[i] = static_cast<scalar_t>(xv);
-  }
   }
   return kept;
 }
