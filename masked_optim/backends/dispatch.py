@@ -245,6 +245,16 @@ class ReferenceBackend(Backend):
         )
 
 
+def _step_buffer(param: Tensor, buf: Optional[Tensor], momentum: float) -> tuple[Tensor, bool]:
+    """``(buffer, first_step)``: the momentum buffer a kernel writes for the contiguous ``param``, a
+    new one on the first step, a contiguous copy of a strided one, or an empty tensor without momentum."""
+    if momentum == 0:
+        return param.new_empty(0), False
+    if buf is None:
+        return torch.empty_like(param, memory_format=torch.contiguous_format), True
+    return (buf if buf.is_contiguous() else buf.contiguous()), False
+
+
 class FusedBackend(Backend):
     """A per-tensor kernel with the contract of :mod:`masked_optim.backends` (cuda, triton)."""
 
@@ -268,15 +278,9 @@ class FusedBackend(Backend):
         for j, i in enumerate(idx):
             p, g = batch.local_params[i], batch.grads[i]
             pc = p if p.is_contiguous() else p.contiguous()
-            buf, first = bufs[j], False
+            buf, first = _step_buffer(pc, bufs[j], momentum)
             if momentum != 0:
-                if buf is None:
-                    buf, first = torch.empty_like(pc, memory_format=torch.contiguous_format), True
-                elif not buf.is_contiguous():
-                    buf = buf.contiguous()
                 bufs[j] = buf
-            else:
-                buf = pc.new_empty(0)
             scalars, scores = batch.prepared[i] if batch.prepared and batch.prepared[i] is not None else (None, None)
             kept, _ = kernel(
                 pc, g.contiguous(), buf, scores, scalars, batch.keys[i], float(batch.rate), float(o["smoothing"]),
@@ -375,23 +379,19 @@ class CppBackend(FusedBackend):
             return super().run(batch, idx, bufs)
         o = batch.options
         momentum = o["momentum"]
-        params, grads, firsts, copies = [], [], [], []
+        params, grads, moms, firsts, copies = [], [], [], [], []
         for j, i in enumerate(idx):
             p = batch.local_params[i]
             pc = p if p.is_contiguous() else p.contiguous()
             if pc is not p:
                 copies.append((p, pc))
-            buf, first = bufs[j], False
+            buf, first = _step_buffer(pc, bufs[j], momentum)
             if momentum != 0:
-                if buf is None:
-                    buf, first = torch.empty_like(pc, memory_format=torch.contiguous_format), True
-                elif not buf.is_contiguous():
-                    buf = buf.contiguous()
                 bufs[j] = buf
             params.append(pc)
             grads.append(batch.grads[i].contiguous())
+            moms.append(buf)
             firsts.append(first)
-        moms = bufs if momentum != 0 else [p.new_empty(0) for p in params]
         group = batch.prepared_groups.get(self.name)
         scalars = group[1] if group is not None and group[0] == idx else None
         scores = [batch.prepared[i][1] if batch.prepared and batch.prepared[i] is not None else None for i in idx]
