@@ -109,10 +109,11 @@ class Probes:
 
     ``local``: 0-d float64 tensors, each covering one or more gradients (a group's, for the cpp
     backend and the multi-tensor norm), non-finite iff one of them holds NaN or Inf (or, for tensors
-    sampled by importance, iff a square ``g**2`` overflows; or, a false alarm, iff a sum overflows); ``sharded``: the same for
-    sharded tensors, per all-reduce function, to be summed over the shards (every rank holds them
-    in the same order); ``scored``: ``(position among all gradients, gradient)`` of the tensors
-    whose importance ``g**2`` is computed, for telling overflowing squares from NaN and Inf.
+    sampled by importance, iff a square ``g**2`` overflows; or, a false alarm, iff a sum overflows);
+    ``sharded``: the same for sharded tensors, per all-reduce function, to be summed over the shards
+    (every rank holds them in the same order); ``scored``: ``(position among all gradients,
+    gradient)`` of the tensors whose importance ``g**2`` is computed, for telling overflowing squares
+    from NaN and Inf.
     """
 
     local: list[Tensor] = field(default_factory=list)
