@@ -438,6 +438,15 @@ def _route(batch: GroupTensors, resolve: Resolver) -> None:
     ]
 
 
+def _by_backend(batch: GroupTensors, unsharded: bool = False) -> dict[Backend, list[int]]:
+    """The positions of the group's tensors per backend, in order (``unsharded``: sharded ones left out)."""
+    out: dict[Backend, list[int]] = {}
+    for i, backend in enumerate(batch.backends):
+        if not (unsharded and batch.shards[i] is not None):
+            out.setdefault(backend, []).append(i)
+    return out
+
+
 def prepare(batches: list[GroupTensors], resolve: Resolver, check: bool) -> Probes:
     """Route every tensor of every group and, when ``check``, run each backend's preparation.
 
@@ -454,11 +463,7 @@ def prepare(batches: list[GroupTensors], resolve: Resolver, check: bool) -> Prob
         deferred = []
         whole: set[int] = set()  # the tensors prepared by their backend's prepare_group
         if check:
-            by_backend: dict[Backend, list[int]] = {}
-            for i, backend in enumerate(batch.backends):
-                if batch.shards[i] is None:
-                    by_backend.setdefault(backend, []).append(i)
-            for backend, idx in by_backend.items():
+            for backend, idx in _by_backend(batch, unsharded=True).items():
                 done = backend.prepare_group(batch, idx)
                 if done is not None:
                     for i, prepared in zip(idx, done[0]):
@@ -466,19 +471,16 @@ def prepare(batches: list[GroupTensors], resolve: Resolver, check: bool) -> Prob
                     probes.local.append(done[1])
                     whole.update(idx)
         for i, backend in enumerate(batch.backends if check else ()):
-            if i in whole:
-                if batch.sparse and batch.mode.sampled and batch.grads[i].numel():
-                    probes.scored.append((offset + i, batch.grads[i]))
-                continue
-            batch.prepared[i], probe = backend.prepare(batch, i)
-            if batch.shards[i] is not None:
-                probe = _minmax_probe(batch, i) if probe is DEFERRED else probe
-                probes.sharded.setdefault(batch.shards[i].all_reduce, []).append(probe)
-            elif probe is DEFERRED:
-                if batch.grads[i].numel():
-                    deferred.append(i)
-            elif probe is not None:
-                probes.local.append(probe)
+            if i not in whole:
+                batch.prepared[i], probe = backend.prepare(batch, i)
+                if batch.shards[i] is not None:
+                    probe = _minmax_probe(batch, i) if probe is DEFERRED else probe
+                    probes.sharded.setdefault(batch.shards[i].all_reduce, []).append(probe)
+                elif probe is DEFERRED:
+                    if batch.grads[i].numel():
+                        deferred.append(i)
+                elif probe is not None:
+                    probes.local.append(probe)
             if batch.sparse and batch.mode.sampled and batch.grads[i].numel():
                 probes.scored.append((offset + i, batch.grads[i]))
         probes.local.extend(_norm_probes(batch, deferred))
@@ -493,10 +495,7 @@ def masked_sgd_step(batch: GroupTensors) -> list[Union[Tensor, int]]:
     replaces ``batch.momentum_buffers`` entries by the buffers written (new or contiguous ones).
     """
     kept: list = [None] * len(batch.params)
-    by_backend: dict[Backend, list[int]] = {}
-    for i, backend in enumerate(batch.backends):
-        by_backend.setdefault(backend, []).append(i)
-    for backend, idx in by_backend.items():
+    for backend, idx in _by_backend(batch).items():
         bufs = [batch.momentum_buffers[i] for i in idx]
         counts = backend.run(batch, idx, bufs)
         for j, i in enumerate(idx):
@@ -509,10 +508,7 @@ def masked_adamw_step(batch: GroupTensors) -> list[Union[Tensor, int]]:
     """Run one group's AdamW step (after :func:`prepare`): each backend on its tensors, in place
     (``batch.adam``, steps included). Returns the kept-unit count of every tensor."""
     kept: list = [None] * len(batch.params)
-    by_backend: dict[Backend, list[int]] = {}
-    for i, backend in enumerate(batch.backends):
-        by_backend.setdefault(backend, []).append(i)
-    for backend, idx in by_backend.items():
+    for backend, idx in _by_backend(batch).items():
         for i, count in zip(idx, backend.run_adamw(batch, idx)):
             kept[i] = count
     return kept
